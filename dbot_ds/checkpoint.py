@@ -1,0 +1,121 @@
+"""Resume checkpoints through DeepSpeed (ZeRO-sharded), written so a crash never leaves the
+newest-checkpoint pointer on a partial one.
+
+Layout: <run>/checkpoints/<tag>/ holds DeepSpeed's files plus dbot_state.json (stage, step,
+teacher identity, the resolved config) and, for an EMA teacher, teacher.safetensors.
+A save goes to <tag>.partial, is renamed to <tag> once every rank has written, and only then
+does the pointer file `latest_complete` move (atomic replace). Assumes a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file, save_file
+
+STATE = "dbot_state.json"
+POINTER = "latest_complete"
+TEACHER = "teacher.safetensors"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_tag(stage: int, step: int) -> str:
+    return f"stage{stage}-step{step:08d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
+         teacher_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Collective: every rank calls it. state needs 'stage' and 'step'."""
+    tag = checkpoint_tag(state["stage"], state["step"])
+    partial, final = root / f"{tag}.partial", root / tag
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+    _barrier()
+    if is_main:
+        if teacher_state is not None:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in teacher_state.items()},
+                      str(partial / TEACHER))
+        _atomic_write_text(partial / STATE, json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
+        os.replace(partial, final)
+        _atomic_write_text(root / POINTER, tag + "\n")
+        prune(root, keep)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and (p / STATE).is_file() and not p.name.endswith(".partial")]
+    return sorted(done, key=lambda p: (read_state(p)["stage"], read_state(p)["step"]))
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint: the pointer's target, else the newest complete directory."""
+    pointer = root / POINTER
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE).is_file():
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def read_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete dbot-ds checkpoint (no {STATE}); "
+                                f"use a directory under <run>/checkpoints/ or --resume auto")
+    return json.loads(path.read_text())
+
+
+def load(engine, ckpt: Path) -> dict:
+    """Weights and optimizer state into a freshly built engine; returns the dbot state."""
+    ckpt = Path(ckpt)
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
+    return read_state(ckpt)
+
+
+def load_teacher_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(ckpt) / TEACHER))
+
+
+def consolidated_student_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 student weights from a checkpoint on disk, without an engine (for `dbot-ds export`)."""
+    ckpt = Path(ckpt)
+    stage = read_state(ckpt)["zero_stage"]
+    if stage == 0:
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    return {k: v.float() for k, v in
+            get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name).items()}

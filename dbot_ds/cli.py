@@ -1,0 +1,82 @@
+"""`dbot-ds pretrain | export | recipes`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dbot_ds.config import ConfigError, load_config
+from dbot_ds.export import ExportError
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="a named recipe (see `dbot-ds recipes`)")
+    p.add_argument("--config", help="a JSON run config, applied over the recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set mask.ratio=0.8 (repeatable)")
+
+
+def cmd_pretrain(args) -> None:
+    from dbot_ds.train import pretrain
+
+    if not (args.recipe or args.config):
+        raise ConfigError("give --recipe NAME or --config FILE (try --recipe demo)")
+    cfg = load_config(args.recipe, args.config, args.set)
+    exports = pretrain(cfg, args.out, resume=args.resume)
+    for path in exports:
+        print(f"stage export: {path}")
+
+
+def cmd_export(args) -> None:
+    from dbot_ds.export_cmd import export_checkpoint, export_timm
+
+    if args.format == "timm":
+        path = export_timm(args.source, args.out)
+    else:
+        path = export_checkpoint(args.source, args.out)
+    print(f"wrote {path}")
+
+
+def cmd_recipes(args) -> None:
+    from dbot_ds.recipes import RECIPES
+
+    for name, body in RECIPES.items():
+        print(f"{name:12s} {json.dumps(body)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbot-ds", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="dBOT pre-training, all stages (resumable)")
+    add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (exports, checkpoints, logs)")
+    p.add_argument("--resume", default="auto",
+                   help="auto: newest complete checkpoint in --out (default); none; or a checkpoint dir")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("export", help="a resume checkpoint or stage export -> export / timm weights")
+    p.add_argument("source", help="a checkpoint dir (<run>/checkpoints/<tag>) or a stage export dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["dbot", "timm"], default="dbot")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recipes", help="list the named recipes")
+    p.set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, ExportError, FileNotFoundError) as e:
+        print(f"dbot-ds: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The DeepSpeed config, filled from the run config (pure: no deepspeed import).
+
+The JSON in ds_configs/ owns ZeRO and precision. Batch sizes, accumulation and clipping come
+from the run config; the JSON may leave them out or say "auto", and any other value that
+disagrees is an error listing every conflicting key. Optimizer and scheduler live in code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dbot_ds.config import ConfigError, RunConfig
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+def load_ds_json(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = DS_CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"DeepSpeed config {name_or_path!r} not found (neither a file nor one of "
+                          f"ds_configs/: {', '.join(known)})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+
+
+def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
+    per_step = cfg.batch.micro_batch * world_size
+    if cfg.batch.global_batch % per_step:
+        fits = [m for m in range(1, cfg.batch.global_batch + 1)
+                if cfg.batch.global_batch % (m * world_size) == 0]
+        raise ConfigError(
+            f"impossible batch arithmetic: global_batch {cfg.batch.global_batch} is not a multiple of "
+            f"micro_batch {cfg.batch.micro_batch} x world size {world_size} = {per_step}. "
+            f"Micro batches that fit this world size: {fits[-6:] or 'none'} "
+            "(--set batch.micro_batch=N), or change batch.global_batch")
+    return cfg.batch.global_batch // per_step
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    ds = load_ds_json(cfg.deepspeed)
+    owned = {
+        "train_batch_size": cfg.batch.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
+        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    conflicts = [f"{k}: DeepSpeed JSON says {ds[k]!r}, run config gives {v!r}"
+                 for k, v in owned.items() if k in ds and ds[k] != "auto" and ds[k] != v]
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            conflicts.append(f"{section}: lives in the run config (optim.*), remove it from the JSON")
+    if ds.get("fp16", {}).get("enabled"):
+        conflicts.append("fp16: not supported (bf16 or fp32 only); set bf16.enabled instead")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and ds.get("bf16", {}).get("enabled"):
+        conflicts.append("bf16 with ZeRO stage 0 keeps no exportable fp32 master weights in "
+                         "DeepSpeed; use zero_optimization.stage 1 (same speed, sharded optimizer)")
+    if conflicts:
+        raise ConfigError(f"DeepSpeed config {cfg.deepspeed!r} contradicts the run config:\n  - "
+                          + "\n  - ".join(conflicts))
+    return {**ds, **owned}
+
+
+def uses_bf16(ds: dict) -> bool:
+    return bool(ds.get("bf16", {}).get("enabled"))
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,99 @@
+"""DeepSpeed around the student: process group, parameter groups, engine, fp32 weights, EMA.
+
+With checkpoint.py, the only module that imports deepspeed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+from torch import nn
+
+from dbot_ds.config import RunConfig
+from dbot_ds.distributed import World, export_rendezvous_env
+
+NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
+
+
+def init_distributed(world: World) -> torch.device:
+    """Process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    export_rendezvous_env(world)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", world.local_rank)
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms (every 1-D tensor), cls/mask tokens and positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(student: nn.Module, cfg: RunConfig, ds_config: dict, device: torch.device):
+    """A fresh engine and a fresh optimizer: nothing carries over from a previous stage."""
+    student.to(device)
+    opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.peak_lr(),
+                            betas=cfg.optim.betas, fused=device.type == "cuda")
+    engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds_config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def full_fp32_state(engine) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights on CPU (the optimizer's master copy under bf16/ZeRO).
+    Collective under ZeRO-3: every rank must call it. Buffers are not included."""
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        out[name] = (full if full is not None else p.detach()).float().cpu().clone()
+    return out
+
+
+def module_digest(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in module.state_dict().items():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def replicas_identical(module: nn.Module) -> bool:
+    """True when every rank holds bit-identical weights (call before ZeRO partitions them)."""
+    digest = module_digest(module)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    return len(set(digests)) == 1
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, engine, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student encoder, parameter by parameter."""
+    student = engine.module.encoder
+    params = list(student.parameters())
+    gather = engine.zero_optimization_stage() == 3
+    ctx = deepspeed.zero.GatheredParameters(params) if gather else torch.no_grad()
+    with ctx:
+        for t, s in zip(teacher.parameters(), params):
+            t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1 - momentum)

@@ -1,0 +1,99 @@
+"""Stage exports: consolidated weights (safetensors) + meta.json, enough to rebuild the model.
+
+An export is finished work (the next stage's teacher): it is written atomically, verified by
+sha256 on every read, and never overwritten by different weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+WEIGHTS = "model.safetensors"
+META = "meta.json"
+FORMAT = "dbot-ds-export/1"
+
+
+class ExportError(RuntimeError):
+    """A missing, incomplete, corrupt or conflicting export."""
+
+
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Identity of a set of weights: the sha256 of exactly the bytes an export would hold."""
+    return sha256(weights_bytes(state))
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> str:
+    """Write weights + meta.json atomically (temp dir, then rename); returns the sha256.
+
+    If out_dir already holds the same weights this is a no-op; different weights are an error.
+    """
+    out_dir = Path(out_dir)
+    data = weights_bytes(state)
+    digest = sha256(data)
+    if out_dir.exists():
+        existing = read_meta(out_dir)
+        if existing.get("sha256") == digest:
+            return digest
+        raise ExportError(
+            f"{out_dir} already holds a different export (sha256 {existing.get('sha256')}, "
+            f"new {digest}); refusing to overwrite finished work. Move it away or pick another --out.")
+    meta = {"format": FORMAT, **meta, "weights": WEIGHTS, "sha256": digest,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _fsync_write(tmp / WEIGHTS, data)
+    _fsync_write(tmp / META, (json.dumps(meta, indent=2) + "\n").encode())
+    os.replace(tmp, out_dir)
+    return digest
+
+
+def read_meta(export_dir: str | Path) -> dict:
+    path = Path(export_dir) / META
+    if not path.is_file():
+        raise ExportError(f"no {META} in {export_dir}: not a dbot-ds export (or an unfinished one); "
+                          "point to a directory written by `dbot-ds pretrain` or `dbot-ds export`")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path} is not valid JSON ({e}); the export is corrupt, re-export it") from e
+    if meta.get("format") != FORMAT:
+        raise ExportError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def read_export(export_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load and verify (sha256 against meta.json) an export; returns (state_dict, meta)."""
+    meta = read_meta(export_dir)
+    weights = Path(export_dir) / meta.get("weights", WEIGHTS)
+    if not weights.is_file():
+        raise ExportError(f"{weights} is missing: the export is incomplete; re-export it")
+    data = weights.read_bytes()
+    if sha256(data) != meta.get("sha256"):
+        raise ExportError(f"{weights}: sha256 {sha256(data)} does not match meta.json "
+                          f"({meta.get('sha256')}); the file is corrupt or was replaced; re-export it")
+    return st_load(data), meta

@@ -1,0 +1,58 @@
+"""`dbot-ds export`: resume checkpoint -> stage export; stage export -> timm encoder weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from dbot_ds import checkpoint
+from dbot_ds.config import from_dict, RunConfig
+from dbot_ds.export import META, read_export, write_export
+from dbot_ds.student import Student
+from dbot_ds.teacher import encoder_state
+
+
+def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
+    """Consolidate a (ZeRO-sharded) resume checkpoint into a stage export at `out`."""
+    ckpt = Path(ckpt)
+    state_info = checkpoint.read_state(ckpt)
+    cfg = from_dict(RunConfig, state_info["config"])
+    state = checkpoint.consolidated_student_state(ckpt)
+    width = state["head.weight"].shape[0]
+    student = Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), width)
+    state.update(student.fixed_buffers())
+    missing = set(student.state_dict()) - set(state)
+    if missing:
+        raise RuntimeError(f"{ckpt}: the checkpoint lacks {sorted(missing)}")
+    decoder = cfg.model.decoder_arch()
+    write_export(out, state, {
+        "stage": state_info["stage"], "recipe": cfg.recipe, "steps": state_info["step"],
+        "teacher_sha256": state_info["teacher"], "encoder": cfg.model.encoder_arch().to_dict(),
+        "decoder": decoder.to_dict() if decoder else None, "target_width": width,
+        "drop_path": cfg.model.resolved_drop_path(), "config": cfg.to_dict(), "from_checkpoint": str(ckpt)})
+    return Path(out)
+
+
+def timm_kwargs(encoder: dict) -> dict:
+    """Arguments of timm's VisionTransformer that rebuild the encoder (features only)."""
+    return {"img_size": encoder["img_size"], "patch_size": encoder["patch_size"],
+            "embed_dim": encoder["width"], "depth": encoder["depth"], "num_heads": encoder["heads"],
+            "mlp_ratio": encoder["mlp_ratio"], "num_classes": 0}
+
+
+def export_timm(source: str | Path, out: str | Path) -> Path:
+    """Encoder weights with timm's key names: `VisionTransformer(**kwargs).load_state_dict(...)`."""
+    source = Path(source)
+    if not (source / META).is_file():  # a resume checkpoint: consolidate it first
+        source = export_checkpoint(source, Path(out) / "dbot_export")
+    state, meta = read_export(source)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(encoder_state(state), str(out / "model.safetensors"),
+              metadata={"format": "pt", "source_sha256": meta["sha256"]})
+    (out / "timm_config.json").write_text(json.dumps(
+        {"architecture": "vit", "kwargs": timm_kwargs(meta["encoder"]), "stage": meta["stage"],
+         "recipe": meta["recipe"], "source_sha256": meta["sha256"]}, indent=2) + "\n")
+    return out / "model.safetensors"

@@ -1,0 +1,59 @@
+"""The only place ViT sizes live."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ViTArch:
+    """Shape of one ViT encoder; enough to rebuild it (stored in every export's meta.json)."""
+
+    width: int
+    depth: int
+    heads: int
+    patch_size: int = 16
+    img_size: int = 224
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}; "
+                "pick sizes whose ratio is an integer (e.g. 224/16, 224/14)")
+        if self.width % max(self.heads, 1):
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.depth < 0:
+            raise ValueError(f"depth must be >= 0, got {self.depth}")
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# name -> (width, depth, heads, patch_size). Tiny sizes keep every test on CPU.
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "tiny_test": (32, 2, 2, 8),
+    "vit_demo": (96, 4, 4, 4),
+    "vit_tiny": (192, 12, 3, 16),
+    "vit_small": (384, 12, 6, 16),
+    "vit_base": (768, 12, 12, 16),
+    "vit_large": (1024, 24, 16, 16),
+    "vit_huge": (1280, 32, 16, 14),
+}
+
+
+def vit_arch(size: str, *, img_size: int = 224, patch_size: int | None = None) -> ViTArch:
+    """ViTArch for a named size; patch and image size may be overridden."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
+    width, depth, heads, default_patch = SIZES[size]
+    return ViTArch(width=width, depth=depth, heads=heads,
+                   patch_size=patch_size or default_patch, img_size=img_size)

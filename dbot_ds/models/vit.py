@@ -1,0 +1,82 @@
+"""One ViT encoder for every size, key-compatible with timm's VisionTransformer (num_classes=0)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from dbot_ds.models.pos_embed import sincos_2d
+from dbot_ds.models.sizes import ViTArch
+
+
+layer_norm = functools.partial(nn.LayerNorm, eps=1e-6)  # timm's ViT default
+
+
+def init_mae_style(module: nn.Module) -> None:
+    """Xavier-uniform linear layers, zero biases, unit LayerNorms (as MAE)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float,
+                       drop_path: float = 0.0) -> nn.Sequential:
+    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    return nn.Sequential(*[
+        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=layer_norm)
+        for rate in rates])
+
+
+class ViT(nn.Module):
+    """Patch embedding + cls token + fixed sin-cos positions + blocks + final norm.
+
+    depth 0 is allowed: the random "patch embedding + position" teacher of ViT-L/H stage 1.
+    """
+
+    def __init__(self, arch: ViTArch, drop_path: float = 0.0):
+        super().__init__()
+        self.arch = arch
+        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
+        self.register_buffer("pos_embed", sincos_2d(arch.width, arch.grid))  # [1, 1+N, D], fixed
+        self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path)
+        self.norm = layer_norm(arch.width)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_mae_style(self)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer (MAE)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def fixed_buffers(self) -> dict[str, torch.Tensor]:
+        """Exact fp32 values of the non-learned state (bf16 engines round the live buffers)."""
+        return {"pos_embed": sincos_2d(self.arch.width, self.arch.grid)}
+
+    def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, 3, H, W] -> patch tokens [B, N, D], positions not yet added."""
+        return self.patch_embed(imgs)
+
+    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
+               final_norm: bool = True) -> torch.Tensor:
+        """tokens [B, N, D] (+ ids_keep [B, K]) -> [B, 1+K, D] (K = N without ids_keep)."""
+        x = tokens + self.pos_embed[:, 1:]
+        if ids_keep is not None:
+            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.blocks(torch.cat([cls, x], dim=1))
+        return self.norm(x) if final_norm else x
+
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                final_norm: bool = True) -> torch.Tensor:
+        return self.encode(self.embed_patches(imgs), ids_keep, final_norm)

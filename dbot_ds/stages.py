@@ -1,0 +1,101 @@
+"""Stage bookkeeping: which teacher and which student each stage starts with.
+
+Stage numbers are 1-based everywhere (directories, meta.json, logs). At each breakpoint the
+student is exported to <run>/stage<k>/, and stage k+1's teacher is built from exactly that
+export; the student restarts from a seed that depends only on (run seed, stage), so every rank
+re-initialises it identically.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from dbot_ds.config import RunConfig
+from dbot_ds.export import ExportError, read_export, state_sha256
+from dbot_ds.seeding import derive_seed
+from dbot_ds.student import Student
+from dbot_ds.teacher import (Teacher, check_fits, encoder_from_export, random_encoder,
+                             random_teacher_arch)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    epochs: tuple[int, ...]
+    steps_per_epoch: int
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.epochs)
+
+    def steps(self, stage: int) -> int:
+        return self.epochs[stage - 1] * self.steps_per_epoch
+
+    def global_step(self, stage: int, step: int) -> int:
+        """Optimizer steps done in all stages before `stage`, plus `step`."""
+        return sum(self.epochs[: stage - 1]) * self.steps_per_epoch + step
+
+
+def export_dir(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / f"stage{stage}"
+
+
+def _teacher(cfg: RunConfig, encoder, identity: str, dtype: torch.dtype, **kw) -> Teacher:
+    return Teacher(encoder, identity, final_norm=cfg.teacher.final_norm,
+                   normalize=cfg.teacher.normalize_target, dtype=dtype, **kw)
+
+
+def initial_teacher_encoder(cfg: RunConfig):
+    """Stage 1's teacher encoder and its identity; a pretrained export is read and checked here."""
+    student_arch = cfg.model.encoder_arch()
+    if cfg.teacher.init == "random":
+        encoder = random_encoder(random_teacher_arch(student_arch, cfg.teacher.random_depth),
+                                 derive_seed(cfg.seed, "random-teacher"))
+        return encoder, state_sha256(encoder.state_dict())
+    encoder, meta = encoder_from_export(cfg.teacher.init)
+    check_fits(encoder.arch, student_arch, cfg.teacher.init)
+    return encoder, meta["sha256"]
+
+
+def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.dtype,
+                       initial=None) -> Teacher:
+    """Stage 1: random or pretrained; stage k > 1: the export of stage k-1, verified by sha256."""
+    if stage == 1:
+        encoder, identity = initial or initial_teacher_encoder(cfg)
+    else:
+        encoder, meta = encoder_from_export(export_dir(run_dir, stage - 1))
+        identity = meta["sha256"]
+    check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage}")
+    return _teacher(cfg, encoder, identity, dtype)
+
+
+def ema_teacher(cfg: RunConfig, student: Student, bf16: bool) -> Teacher:
+    """A momentum teacher starts as a copy of the student's encoder and keeps fp32 weights."""
+    encoder = copy.deepcopy(student.encoder)
+    return _teacher(cfg, encoder, "ema", torch.float32, autocast=torch.bfloat16 if bf16 else None)
+
+
+def fresh_student(cfg: RunConfig, stage: int, target_width: int) -> Student:
+    """Built from (seed, stage) alone, with the global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "student", stage))
+        return Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), target_width,
+                       cfg.model.resolved_drop_path())
+
+
+def stage_student(cfg: RunConfig, run_dir: Path, stage: int, target_width: int) -> Student:
+    student = fresh_student(cfg, stage, target_width)
+    if stage == 1 or cfg.teacher.reinit_student:
+        return student
+    # Ablation "student re-init off": keep the weights of the previous stage's student.
+    state, _ = read_export(export_dir(run_dir, stage - 1))
+    own = student.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if set(own) - set(kept) - {k for k in own if k.startswith("head.")}:
+        raise ExportError(f"stage {stage - 1}'s export does not fit the student: "
+                          f"missing {sorted(set(own) - set(kept))}")
+    student.load_state_dict(kept, strict=False)  # a head of another width starts fresh
+    return student

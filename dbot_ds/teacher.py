@@ -1,0 +1,78 @@
+"""The frozen teacher: outside DeepSpeed, no gradients, inference_mode, bf16 when bf16 is on."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dbot_ds.export import ExportError, read_export, state_sha256
+from dbot_ds.losses import normalize_tokens
+from dbot_ds.models import ViT, ViTArch
+
+
+class Teacher(nn.Module):
+    """Wraps a ViT encoder; `targets` gives the last block's tokens (cls + patches)."""
+
+    def __init__(self, encoder: ViT, identity: str, *, final_norm: bool = False,
+                 normalize: bool = True, dtype: torch.dtype = torch.float32,
+                 autocast: torch.dtype | None = None):
+        """dtype: the weights' dtype (bf16 for a frozen teacher under bf16); autocast: compute
+        dtype for fp32 weights that keep changing (the EMA teacher)."""
+        super().__init__()
+        self.encoder = encoder.to(dtype).eval().requires_grad_(False)
+        self.identity = identity  # sha256 of its weights, or "ema"
+        self.final_norm, self.normalize, self.dtype, self.autocast = final_norm, normalize, dtype, autocast
+
+    @property
+    def arch(self) -> ViTArch:
+        return self.encoder.arch
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always eval: no drop path in the teacher
+
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, 3, H, W] -> float32 targets [B, 1+N, Dt], a normal (non-inference) tensor."""
+        with torch.inference_mode(), torch.autocast(imgs.device.type, dtype=self.autocast,
+                                                     enabled=self.autocast is not None):
+            feats = self.encoder(imgs.to(self.dtype), final_norm=self.final_norm)
+        feats = feats.float()  # outside inference_mode: a functional op makes a normal tensor
+        return normalize_tokens(feats) if self.normalize else feats.clone()
+
+
+def random_encoder(arch: ViTArch, seed: int) -> ViT:
+    """A random ViT built from `seed` alone: identical on every rank, global RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViT(arch)
+
+
+def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def encoder_from_export(path: str | Path) -> tuple[ViT, dict]:
+    state, meta = read_export(path)
+    arch = ViTArch(**meta["encoder"])
+    encoder = ViT(arch)
+    missing, unexpected = encoder.load_state_dict(encoder_state(state), strict=False)
+    if missing or unexpected:
+        raise ExportError(f"{path}: weights do not fit the architecture in meta.json "
+                          f"(missing {missing}, unexpected {unexpected})")
+    return encoder, meta
+
+
+def check_fits(teacher_arch: ViTArch, student_arch: ViTArch, source: str) -> None:
+    """The teacher's token grid must match the student's (one target per student token)."""
+    if teacher_arch.grid != student_arch.grid:
+        raise ValueError(
+            f"teacher {source} has a {teacher_arch.grid}x{teacher_arch.grid} token grid "
+            f"(img {teacher_arch.img_size}, patch {teacher_arch.patch_size}) but the student has "
+            f"{student_arch.grid}x{student_arch.grid} (img {student_arch.img_size}, patch "
+            f"{student_arch.patch_size}); use a teacher with the same grid")
+
+
+def random_teacher_arch(student: ViTArch, depth: int | None) -> ViTArch:
+    return student if depth is None else dataclasses.replace(student, depth=depth)

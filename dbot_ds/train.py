@@ -1,0 +1,249 @@
+"""The dBOT pre-training loop: K stages, a breakpoint between stages, resumable anywhere.
+
+Launch (every launcher sets RANK/WORLD_SIZE/LOCAL_RANK; a bare command runs 1 process):
+    dbot-ds pretrain --recipe demo --out runs/demo
+    torchrun --nproc_per_node 8 -m dbot_ds.cli pretrain --recipe vit_base --out runs/b
+    deepspeed --num_gpus 8 -m dbot_ds.cli pretrain --recipe vit_base --out runs/b
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dbot_ds import checkpoint, engine as ds_engine
+from dbot_ds.config import ConfigError, RunConfig
+from dbot_ds.data import EpochSampler, build_dataset, build_loader, normalize_on_device
+from dbot_ds.distributed import World, world_from_env
+from dbot_ds.ds_config import resolve_ds_config, uses_bf16
+from dbot_ds.export import write_export
+from dbot_ds.losses import masked_distill_loss
+from dbot_ds.masking import random_masking
+from dbot_ds.metrics import MetricsLog
+from dbot_ds.schedule import ema_momentum_at, lr_at
+from dbot_ds.seeding import derive_seed
+from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir,
+                            initial_teacher_encoder, stage_student)
+from dbot_ds.teacher import Teacher
+
+# Keys that may change between a checkpoint and its resume; any other difference is an error.
+RESUMABLE_CHANGES = ("stop_at_step", "log_every", "data.num_workers", "checkpoint.every_steps",
+                     "checkpoint.keep")
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: RunConfig
+    out: Path
+    world: World
+    device: torch.device
+    ds_config: dict
+    plan: StagePlan
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    log: MetricsLog
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if uses_bf16(self.ds_config) else torch.float32
+
+    @property
+    def ema(self) -> bool:
+        return self.cfg.teacher.update != "breakpoint"
+
+
+def train_micro_step(eng, teacher: Teacher, imgs_u8: torch.Tensor, cfg: RunConfig,
+                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """One micro-batch: teacher targets, masked student forward, loss, backward, (optimizer) step.
+    Returns the loss as a device tensor: no host synchronisation here."""
+    imgs = normalize_on_device(imgs_u8, device, dtype)             # [B, 3, H, W]
+    target = teacher.targets(imgs)                                 # [B, 1+N, Dt]
+    masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
+    pred = eng(imgs, masks)                                        # [B, 1+N, Dt]
+    loss = masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
+    eng.backward(loss)
+    eng.step()
+    return loss.detach()
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_resumable(saved: dict, cfg: RunConfig, ckpt: Path) -> None:
+    a, b = flat(saved), flat(json.loads(json.dumps(cfg.to_dict())))
+    diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    if diff:
+        raise ConfigError(f"cannot resume from {ckpt}: the run config changed since it was saved:\n  - "
+                          + "\n  - ".join(diff) + "\nresume with the same config, or start a new --out")
+
+
+def setup(cfg: RunConfig, out: Path) -> Run:
+    world = world_from_env()
+    ds_config = resolve_ds_config(cfg, world.size)  # batch arithmetic and JSON conflicts fail here
+    device = ds_engine.init_distributed(world)
+    dataset = build_dataset(cfg)
+    accum = ds_config["gradient_accumulation_steps"]
+    sampler = EpochSampler(len(dataset), rank=world.rank, world=world.size,
+                           micro=cfg.batch.micro_batch, accum=accum, seed=cfg.seed)
+    plan = StagePlan(tuple(cfg.stages.epochs), sampler.steps_per_epoch)
+    if world.is_main:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    loader = build_loader(dataset, sampler, cfg.data.num_workers)
+    return Run(cfg, out, world, device, ds_config, plan, sampler, loader, MetricsLog(out, world.is_main))
+
+
+def find_resume(run: Run, resume: str) -> Path | None:
+    if resume == "none":
+        return None
+    ckpt = checkpoint.latest(run.out / "checkpoints") if resume == "auto" else Path(resume)
+    if ckpt is not None:
+        check_resumable(checkpoint.read_state(ckpt)["config"], run.cfg, ckpt)
+    return ckpt
+
+
+def start_stage(run: Run, stage: int, initial_teacher=None):
+    """The teacher and a fresh engine (new student, new optimizer) for `stage`."""
+    cfg = run.cfg
+    teacher = None
+    if not run.ema:
+        teacher = breakpoint_teacher(cfg, run.out, stage, run.dtype, initial_teacher).to(run.device)
+    width = teacher.arch.width if teacher else cfg.model.encoder_arch().width
+    student = stage_student(cfg, run.out, stage, width)
+    if not ds_engine.replicas_identical(student):
+        raise RuntimeError(f"stage {stage}: the re-initialised student differs between ranks")
+    if run.ema:
+        teacher = ema_teacher(cfg, student, uses_bf16(run.ds_config)).to(run.device)
+    eng = ds_engine.build_engine(student, cfg, run.ds_config, run.device)
+    return teacher, eng
+
+
+def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:
+    state = {"stage": stage, "step": step, "global_step": run.plan.global_step(stage, step),
+             "teacher": teacher.identity, "world_size": run.world.size,
+             "zero_stage": eng.zero_optimization_stage(), "config": run.cfg.to_dict()}
+    checkpoint.save(eng, run.out / "checkpoints", state, is_main=run.world.is_main,
+                    keep=run.cfg.checkpoint.keep,
+                    teacher_state=teacher.encoder.state_dict() if run.ema else None)
+
+
+def resume_stage(run: Run, eng, teacher: Teacher, ckpt: Path) -> int:
+    state = checkpoint.load(eng, ckpt)
+    if run.ema:
+        teacher.encoder.load_state_dict(checkpoint.load_teacher_state(ckpt))
+    elif state["teacher"] != teacher.identity:
+        raise RuntimeError(
+            f"{ckpt} was trained against teacher {state['teacher']}, but stage {state['stage']}'s "
+            f"teacher is now {teacher.identity}: the stage {state['stage'] - 1} export changed "
+            "since; restore it, or start a new run")
+    return state["step"]
+
+
+def export_stage(run: Run, eng, teacher: Teacher, stage: int) -> Path:
+    state = ds_engine.full_fp32_state(eng)  # collective under ZeRO-3
+    state.update(eng.module.fixed_buffers())
+    path = export_dir(run.out, stage)
+    if run.world.is_main:
+        cfg = run.cfg
+        decoder = cfg.model.decoder_arch()
+        write_export(path, state, {
+            "stage": stage, "recipe": cfg.recipe, "steps": run.plan.steps(stage),
+            "epochs": run.plan.epochs[stage - 1], "teacher_sha256": teacher.identity,
+            "encoder": cfg.model.encoder_arch().to_dict(),
+            "decoder": decoder.to_dict() if decoder else None,
+            "target_width": eng.module.head.out_features,
+            "drop_path": cfg.model.resolved_drop_path(), "config": cfg.to_dict()})
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def should_save(run: Run, step: int, total: int, stopping: bool) -> bool:
+    every = run.cfg.checkpoint.every_steps or run.plan.steps_per_epoch
+    return stopping or step == total or step % every == 0
+
+
+def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> bool:
+    """Train `stage` from optimizer step `step` to its end. False when stopped by stop_at_step."""
+    cfg, plan, world = run.cfg, run.plan, run.world
+    total, spe = plan.steps(stage), plan.steps_per_epoch
+    accum = run.ds_config["gradient_accumulation_steps"]
+    warmup, peak = round(cfg.optim.warmup_epochs * spe), cfg.peak_lr()
+    loss_sum, loss_count, t_log, step_log = torch.zeros((), device=run.device), 0, time.time(), step
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}/{plan.num_stages}",
+               disable=not world.is_main, dynamic_ncols=True)
+    while step < total:
+        epoch, in_epoch = divmod(step, spe)
+        run.sampler.set_position(epoch, in_epoch)
+        for i, imgs in enumerate(run.loader):
+            ds_engine.set_lr(eng, lr_at(step, total, warmup, peak, cfg.optim.min_lr))
+            torch.manual_seed(derive_seed(cfg.seed, "step", stage, step, i % accum, world.rank))
+            loss_sum += train_micro_step(eng, teacher, imgs, cfg, run.device, run.dtype)
+            loss_count += 1
+            if (i + 1) % accum:
+                continue
+            step += 1
+            if run.ema:
+                ds_engine.ema_update(teacher.encoder, eng, ema_momentum_at(
+                    step, total, cfg.teacher.momentum, cfg.teacher.update == "ema_cosine"))
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                loss_sum, loss_count, t_log, step_log = log_metrics(
+                    run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak)
+            stopping = bool(cfg.stop_at_step) and plan.global_step(stage, step) >= cfg.stop_at_step
+            if should_save(run, step, total, stopping):
+                save_checkpoint(run, eng, teacher, stage, step)
+            if stopping:
+                bar.close()
+                return False
+    bar.close()
+    return True
+
+
+def log_metrics(run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak):
+    """Reduce the loss across ranks (the only host sync, once per log interval)."""
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+    loss = loss_sum.item() / (loss_count * run.world.size)
+    now = time.time()
+    record = {"stage": stage, "epoch": step / run.plan.steps_per_epoch, "step": step,
+              "global_step": run.plan.global_step(stage, step), "loss": loss,
+              "lr": lr_at(step - 1, total, warmup, peak, run.cfg.optim.min_lr),
+              "images_per_s": (step - step_log) * run.cfg.batch.global_batch / max(now - t_log, 1e-9)}
+    run.log.log(record, record["global_step"])
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+    return torch.zeros((), device=run.device), 0, now, step
+
+
+def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto") -> list[Path]:
+    """Run (or continue) every stage; returns the stage exports written so far."""
+    out = Path(out)
+    run = setup(cfg, out)
+    ckpt = find_resume(run, resume)
+    first = checkpoint.read_state(ckpt)["stage"] if ckpt else 1
+    # Read and check a pretrained teacher before any step (a random one is built from the seed).
+    initial = initial_teacher_encoder(cfg) if first == 1 and not run.ema else None
+    exports = [export_dir(out, s) for s in range(1, first)]
+    for stage in range(first, run.plan.num_stages + 1):
+        teacher, eng = start_stage(run, stage, initial if stage == 1 else None)
+        step = resume_stage(run, eng, teacher, ckpt) if ckpt and stage == first else 0
+        finished = train_stage(run, eng, teacher, stage, step)
+        if finished:
+            exports.append(export_stage(run, eng, teacher, stage))
+        eng.destroy()
+        if not finished:
+            break
+    run.log.close()
+    return exports

@@ -1,0 +1,14 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dbot-ds",
+    version="0.1.0",
+    description="dBOT masked knowledge distillation with bootstrapped teachers, on DeepSpeed",
+    packages=find_packages(include=["dbot_ds", "dbot_ds.*"]),
+    python_requires=">=3.10",
+    # No upper pins: the same install must work on a GPU cluster with its own CUDA torch.
+    install_requires=["torch>=2.4", "torchvision", "timm>=1.0", "deepspeed>=0.15", "webdataset",
+                      "safetensors", "numpy", "tqdm", "tensorboard"],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
+)
