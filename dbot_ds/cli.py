@@ -12,7 +12,8 @@ from dbot_ds.export import ExportError
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", help="a named recipe (see `dbot-ds recipes`)")
+    p.add_argument("--recipe", help="a named recipe (see `dbot-ds recipes`); default: the paper's "
+                   "defaults (ViT-B/16, 2 x 800 epochs)")
     p.add_argument("--config", help="a JSON run config, applied over the recipe")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value, e.g. --set mask.ratio=0.8 (repeatable)")
@@ -21,8 +22,6 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_pretrain(args) -> None:
     from dbot_ds.train import pretrain
 
-    if not (args.recipe or args.config):
-        raise ConfigError("give --recipe NAME or --config FILE (try --recipe demo)")
     cfg = load_config(args.recipe, args.config, args.set)
     exports = pretrain(cfg, args.out, resume=args.resume)
     for path in exports:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dbot_ds.config import ConfigError
 from dbot_ds.export import ExportError, read_export, state_sha256
 from dbot_ds.losses import normalize_tokens
 from dbot_ds.models import ViT, ViTArch
@@ -35,8 +37,9 @@ class Teacher(nn.Module):
 
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, 3, H, W] -> float32 targets [B, 1+N, Dt], a normal (non-inference) tensor."""
-        with torch.inference_mode(), torch.autocast(imgs.device.type, dtype=self.autocast,
-                                                     enabled=self.autocast is not None):
+        amp = (torch.autocast(imgs.device.type, dtype=self.autocast) if self.autocast
+               else contextlib.nullcontext())
+        with torch.inference_mode(), amp:
             feats = self.encoder(imgs.to(self.dtype), final_norm=self.final_norm)
         feats = feats.float()  # outside inference_mode: a functional op makes a normal tensor
         return normalize_tokens(feats) if self.normalize else feats.clone()
@@ -67,7 +70,7 @@ def encoder_from_export(path: str | Path) -> tuple[ViT, dict]:
 def check_fits(teacher_arch: ViTArch, student_arch: ViTArch, source: str) -> None:
     """The teacher's token grid must match the student's (one target per student token)."""
     if teacher_arch.grid != student_arch.grid:
-        raise ValueError(
+        raise ConfigError(
             f"teacher {source} has a {teacher_arch.grid}x{teacher_arch.grid} token grid "
             f"(img {teacher_arch.img_size}, patch {teacher_arch.patch_size}) but the student has "
             f"{student_arch.grid}x{student_arch.grid} (img {student_arch.img_size}, patch "

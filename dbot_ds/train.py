@@ -175,8 +175,12 @@ def should_save(run: Run, step: int, total: int, stopping: bool) -> bool:
     return stopping or step == total or step % every == 0
 
 
-def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> bool:
-    """Train `stage` from optimizer step `step` to its end. False when stopped by stop_at_step."""
+def stop_requested(run: Run, stage: int, step: int) -> bool:
+    return bool(run.cfg.stop_at_step) and run.plan.global_step(stage, step) >= run.cfg.stop_at_step
+
+
+def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
+    """Train `stage` from optimizer step `step` to its end, or until stop_at_step; returns the step."""
     cfg, plan, world = run.cfg, run.plan, run.world
     total, spe = plan.steps(stage), plan.steps_per_epoch
     accum = run.ds_config["gradient_accumulation_steps"]
@@ -202,14 +206,14 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> bool:
             if step % cfg.log_every == 0 or step == total:
                 loss_sum, loss_count, t_log, step_log = log_metrics(
                     run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak)
-            stopping = bool(cfg.stop_at_step) and plan.global_step(stage, step) >= cfg.stop_at_step
+            stopping = stop_requested(run, stage, step)
             if should_save(run, step, total, stopping):
                 save_checkpoint(run, eng, teacher, stage, step)
             if stopping:
                 bar.close()
-                return False
+                return step
     bar.close()
-    return True
+    return step
 
 
 def log_metrics(run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak):
@@ -239,11 +243,11 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto") -> list[Path
     for stage in range(first, run.plan.num_stages + 1):
         teacher, eng = start_stage(run, stage, initial if stage == 1 else None)
         step = resume_stage(run, eng, teacher, ckpt) if ckpt and stage == first else 0
-        finished = train_stage(run, eng, teacher, stage, step)
-        if finished:
+        step = train_stage(run, eng, teacher, stage, step)
+        if step == run.plan.steps(stage):
             exports.append(export_stage(run, eng, teacher, stage))
         eng.destroy()
-        if not finished:
+        if stop_requested(run, stage, step):
             break
     run.log.close()
     return exports

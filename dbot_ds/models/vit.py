@@ -30,7 +30,7 @@ def init_mae_style(module: nn.Module) -> None:
 
 def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float,
                        drop_path: float = 0.0) -> nn.Sequential:
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth else []
+    rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm
     return nn.Sequential(*[
         Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=layer_norm)
         for rate in rates])

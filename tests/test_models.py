@@ -1,0 +1,78 @@
+import timm
+import torch
+
+from dbot_ds.masking import random_masking
+from dbot_ds.models import DecoderArch, ViT, vit_arch
+from dbot_ds.models.pos_embed import sincos_2d
+from dbot_ds.student import Student
+from dbot_ds.teacher import random_encoder, random_teacher_arch
+
+
+def _timm_vit(arch):
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.width, depth=arch.depth,
+        num_heads=arch.heads, mlp_ratio=arch.mlp_ratio, num_classes=0)
+
+
+def test_encoder_state_dict_loads_strictly_into_timm_and_gives_the_same_features():
+    arch = vit_arch("vit_small", img_size=64)
+    ours = random_encoder(arch, seed=3).eval()
+    theirs = _timm_vit(arch).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs.forward_features(x), atol=1e-5)
+
+
+def test_every_named_size_builds_with_its_paper_shape():
+    expected = {"vit_base": (768, 12, 16, 196), "vit_large": (1024, 24, 16, 196),
+                "vit_huge": (1280, 32, 14, 256)}
+    for name, (width, depth, patch, patches) in expected.items():
+        a = vit_arch(name)
+        assert (a.width, a.depth, a.patch_size, a.num_patches) == (width, depth, patch, patches)
+
+
+def test_position_embedding_is_fixed_sincos_and_not_learned():
+    enc = ViT(vit_arch("tiny_test", img_size=32))
+    assert "pos_embed" not in dict(enc.named_parameters())
+    assert torch.equal(enc.pos_embed, sincos_2d(32, 4))
+    assert torch.equal(enc.pos_embed[0, 0], torch.zeros(32))  # the cls position
+
+
+def test_linear_layers_are_xavier_uniform():
+    enc = ViT(vit_arch("vit_small", img_size=32))
+    w = enc.blocks[0].mlp.fc1.weight
+    bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    assert torch.equal(enc.blocks[0].mlp.fc1.bias, torch.zeros_like(enc.blocks[0].mlp.fc1.bias))
+
+
+def test_depth0_teacher_is_patch_embedding_plus_position():
+    arch = random_teacher_arch(vit_arch("tiny_test", img_size=32), depth=0)
+    enc = random_encoder(arch, seed=0)
+    x = torch.randn(1, 3, 32, 32)
+    expected = enc.patch_embed(x) + enc.pos_embed[:, 1:]
+    assert len(enc.blocks) == 0
+    assert torch.allclose(enc(x, final_norm=False)[:, 1:], expected)
+
+
+def test_student_predicts_every_token_at_the_teacher_width_in_both_variants():
+    arch = vit_arch("tiny_test", img_size=32)
+    masks = random_masking(2, arch.num_patches, 0.75)
+    x = torch.randn(2, 3, 32, 32)
+    for decoder in (DecoderArch(width=16, depth=1, heads=2), None):
+        out = Student(arch, decoder, target_width=48)(x, masks)
+        assert out.shape == (2, 1 + arch.num_patches, 48)
+
+
+def test_asymmetric_student_encoder_sees_only_visible_patches():
+    arch = vit_arch("tiny_test", img_size=32)
+    student = Student(arch, DecoderArch(width=16, depth=1, heads=2), 32).eval()
+    masks = random_masking(1, arch.num_patches, 0.75, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 3, 32, 32)
+    masked_patch = int(masks.mask[0].nonzero()[0])
+    row, col = divmod(masked_patch, arch.grid)
+    y = x.clone()
+    y[..., row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 5.0  # change a masked patch only
+    with torch.no_grad():
+        assert torch.equal(student(x, masks), student(y, masks))

@@ -1,0 +1,96 @@
+"""Resume: stopping and resuming anywhere gives bit-identical weights (fp32 on CPU)."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TINY, subprocess_env, tiny_config
+
+from dbot_ds import checkpoint
+from dbot_ds.config import ConfigError
+from dbot_ds.export import ExportError, read_meta
+from dbot_ds.train import pretrain
+
+
+def _shas(run_dir):
+    return [read_meta(run_dir / f"stage{s}")["sha256"] for s in (1, 2)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, process_group):
+    out = tmp_path_factory.mktemp("straight")
+    pretrain(tiny_config(), out)
+    return _shas(out)
+
+
+@pytest.mark.parametrize("stop_at", [6, 10], ids=["mid-stage1", "after-breakpoint"])
+def test_stop_and_resume_gives_the_same_weights_as_a_straight_run(straight, tmp_path, stop_at):
+    # 8 steps per stage: step 6 is mid-epoch in stage 1, step 10 is 2 steps into stage 2.
+    pretrain(tiny_config(f"stop_at_step={stop_at}"), tmp_path)
+    state = checkpoint.read_state(checkpoint.latest(tmp_path / "checkpoints"))
+    assert state["global_step"] == stop_at
+    assert not (tmp_path / "stage2").exists()
+    pretrain(tiny_config(), tmp_path, resume="auto")
+    assert _shas(tmp_path) == straight
+
+
+def test_ema_teacher_resumes_exactly(process_group, tmp_path):
+    ema = ("teacher.update=ema_cosine", "teacher.momentum=0.996", "stages.epochs=[3]")
+    pretrain(tiny_config(*ema), tmp_path / "a")
+    pretrain(tiny_config(*ema, "stop_at_step=5"), tmp_path / "b")
+    pretrain(tiny_config(*ema), tmp_path / "b")
+    assert read_meta(tmp_path / "a" / "stage1")["sha256"] == read_meta(tmp_path / "b" / "stage1")["sha256"]
+
+
+def test_a_partial_checkpoint_is_never_resumed_from(process_group, tmp_path):
+    pretrain(tiny_config("stop_at_step=4"), tmp_path)
+    root = tmp_path / "checkpoints"
+    good = checkpoint.latest(root)
+    # a crash in the middle of the next save leaves a .partial directory and the old pointer
+    shutil.copytree(good, root / "stage1-step00000008.partial")
+    (root / "stage1-step00000008.partial" / checkpoint.STATE).unlink()
+    assert checkpoint.latest(root) == good
+    # a pointer to a directory that is gone falls back to the newest complete one
+    (root / checkpoint.POINTER).write_text("stage9-step00000001\n")
+    assert checkpoint.latest(root) == good
+
+
+def test_resume_with_a_changed_config_is_refused(process_group, tmp_path):
+    pretrain(tiny_config("stop_at_step=3"), tmp_path)
+    with pytest.raises(ConfigError, match="mask.ratio: checkpoint 0.75, now 0.6"):
+        pretrain(tiny_config("mask.ratio=0.6"), tmp_path)
+
+
+def test_resume_after_the_breakpoint_refuses_a_corrupted_teacher_export(process_group, tmp_path):
+    pretrain(tiny_config("stop_at_step=10"), tmp_path)
+    weights = tmp_path / "stage1" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256 .* does not match meta.json"):
+        pretrain(tiny_config(), tmp_path)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(process_group, tmp_path):
+    """SIGKILL a real `dbot-ds pretrain` process mid-run, then resume it."""
+    longer = ("data.synthetic_images=320", "checkpoint.every_steps=1")  # 2 x 40 steps
+    pretrain(tiny_config(*longer), tmp_path / "straight")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "pretrain", "--out", str(out),
+           *[a for s in (*TINY, *longer) for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = checkpoint.latest(out / "checkpoints")
+        if found and checkpoint.read_state(found)["global_step"] >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = checkpoint.read_state(checkpoint.latest(out / "checkpoints"))["global_step"]
+    assert 5 <= stopped_at < 80, "the run finished before it could be killed"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    assert _shas(out) == _shas(tmp_path / "straight")

@@ -1,0 +1,109 @@
+"""Teacher, breakpoint and stage behaviour on real DeepSpeed engines (gloo, CPU, fp32)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from dbot_ds.engine import ema_update, full_fp32_state
+from dbot_ds.export import read_export
+from dbot_ds.stages import fresh_student
+from dbot_ds.teacher import encoder_state
+from dbot_ds.train import export_stage, pretrain, setup, start_stage, train_stage
+
+
+def test_teacher_gets_no_gradient_and_does_not_change_within_a_stage(process_group, tmp_path):
+    run = setup(tiny_config("stages.epochs=[1]"), tmp_path)
+    teacher, eng = start_stage(run, 1)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    engine_params = {id(p) for p in eng.module.parameters()}
+    assert not any(id(p) in engine_params for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+    train_stage(run, eng, teacher, 1, 0)
+
+    assert all(p.grad is None for p in teacher.parameters())
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(eng.module.encoder.blocks[0].mlp.fc1.weight,
+                           fresh_student(run.cfg, 1, 32).encoder.blocks[0].mlp.fc1.weight)  # it trained
+    eng.destroy()
+
+
+def test_breakpoint_teacher_is_the_old_student_bit_for_bit_and_the_optimizer_is_fresh(process_group, tmp_path):
+    run = setup(tiny_config(), tmp_path)
+    teacher1, eng1 = start_stage(run, 1)
+    train_stage(run, eng1, teacher1, 1, 0)
+    student1 = full_fp32_state(eng1)
+    assert len(eng1.optimizer.optimizer.state) > 0
+    export_stage(run, eng1, teacher1, 1)
+    eng1.destroy()
+
+    teacher2, eng2 = start_stage(run, 2)
+    for k, v in teacher2.encoder.state_dict().items():
+        if k != "pos_embed":
+            assert torch.equal(v, student1[f"encoder.{k}"]), k
+    state, meta = read_export(tmp_path / "stage1")
+    assert teacher2.identity == meta["sha256"]
+    assert len(eng2.optimizer.optimizer.state) == 0  # no Adam moments carried over
+    reinit = fresh_student(run.cfg, 2, teacher2.arch.width).state_dict()
+    for k, v in eng2.module.state_dict().items():
+        assert torch.equal(v, reinit[k]), k
+    eng2.destroy()
+
+
+def test_lr_schedule_restarts_at_every_stage(process_group, tmp_path):
+    pretrain(tiny_config(), tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    by_stage = {s: [(r["step"], r["lr"]) for r in records if r["stage"] == s] for s in (1, 2)}
+    assert by_stage[1] == by_stage[2]
+    lrs = [lr for _, lr in by_stage[1]]
+    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs) / 4  # warm-up, then cosine towards 0
+
+
+def test_student_keeps_its_weights_when_reinit_is_off(process_group, tmp_path):
+    cfg = tiny_config("teacher.reinit_student=false", "stages.epochs=[1,1]", "stop_at_step=4")
+    pretrain(cfg, tmp_path)
+    cfg = tiny_config("teacher.reinit_student=false", "stages.epochs=[1,1]")
+    run = setup(cfg, tmp_path)
+    _, eng = start_stage(run, 2)
+    state, _ = read_export(tmp_path / "stage1")
+    for k, v in full_fp32_state(eng).items():
+        assert torch.equal(v, state[k]), k
+    eng.destroy()
+
+
+def test_ema_teacher_moves_towards_the_student(process_group, tmp_path):
+    run = setup(tiny_config("teacher.update=ema", "teacher.momentum=0.9", "stages.epochs=[1]"), tmp_path)
+    teacher, eng = start_stage(run, 1)
+    for t, s in zip(teacher.encoder.parameters(), eng.module.encoder.parameters()):
+        assert torch.equal(t, s)  # starts as a copy of the student
+    with torch.no_grad():
+        for p in eng.module.encoder.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in teacher.encoder.parameters()]
+    ema_update(teacher.encoder, eng, 0.9)
+    for t, o, s in zip(teacher.encoder.parameters(), old, eng.module.encoder.parameters()):
+        assert torch.allclose(t, 0.9 * o + 0.1 * s)
+    eng.destroy()
+
+
+def test_a_pretrained_teacher_of_another_grid_is_refused_before_training(process_group, tmp_path):
+    pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "donor")
+    cfg = tiny_config(f"teacher.init={tmp_path / 'donor' / 'stage1'}", "model.patch_size=4")
+    from dbot_ds.config import ConfigError
+    with pytest.raises(ConfigError, match="4x4 token grid.*8x8"):
+        pretrain(cfg, tmp_path / "run")
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_pretrained_teacher_export_is_used_as_the_stage1_teacher(process_group, tmp_path):
+    pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "donor")
+    donor, meta = read_export(tmp_path / "donor" / "stage1")
+    run = setup(tiny_config(f"teacher.init={tmp_path / 'donor' / 'stage1'}"), tmp_path / "run")
+    teacher, eng = start_stage(run, 1)
+    assert teacher.identity == meta["sha256"]
+    for k, v in teacher.encoder.state_dict().items():
+        assert torch.equal(v, encoder_state(donor)[k])
+    eng.destroy()
