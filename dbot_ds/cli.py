@@ -20,12 +20,17 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from dbot_ds.engine import shutdown_distributed
     from dbot_ds.train import pretrain
 
     cfg = load_config(args.recipe, args.config, args.set)
+    from dbot_ds.distributed import world_from_env
+
     exports = pretrain(cfg, args.out, resume=args.resume)
-    for path in exports:
-        print(f"stage export: {path}")
+    shutdown_distributed()  # on success only: after a failure on one rank a barrier would hang
+    if world_from_env().is_main:
+        for path in exports:
+            print(f"stage export: {path}")
 
 
 def cmd_export(args) -> None:
@@ -47,6 +52,8 @@ def cmd_recipes(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbot-ds", description=__doc__)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is in the env too.
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="dBOT pre-training, all stages (resumable)")

@@ -18,7 +18,7 @@ class World:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -42,4 +42,4 @@ def export_rendezvous_env(world: World) -> None:
     os.environ.setdefault("WORLD_SIZE", str(world.size))
     if world.size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))

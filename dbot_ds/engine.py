@@ -33,6 +33,13 @@ def init_distributed(world: World) -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before exit (an exiting gloo group can abort the process)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms (every 1-D tensor), cls/mask tokens and positions."""
     decay, no_decay = [], []

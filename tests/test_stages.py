@@ -107,3 +107,18 @@ def test_a_pretrained_teacher_export_is_used_as_the_stage1_teacher(process_group
     for k, v in teacher.encoder.state_dict().items():
         assert torch.equal(v, encoder_state(donor)[k])
     eng.destroy()
+
+
+def test_bf16_run_has_a_bf16_teacher_and_exports_fp32_master_weights(process_group, tmp_path):
+    ds = tmp_path / "bf16.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}))
+    run = setup(tiny_config(f"deepspeed={ds}", "stages.epochs=[1]"), tmp_path)
+    teacher, eng = start_stage(run, 1)
+    assert all(p.dtype == torch.bfloat16 for p in teacher.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in eng.module.parameters())
+    train_stage(run, eng, teacher, 1, 0)
+    export_stage(run, eng, teacher, 1)
+    state, _ = read_export(tmp_path / "stage1")
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert state["encoder.pos_embed"].equal(fresh_student(run.cfg, 1, 32).encoder.pos_embed)
+    eng.destroy()

@@ -47,5 +47,5 @@ class Decoder(nn.Module):
         b, n, d = x.shape[0], ids_restore.shape[1], x.shape[2]
         patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n + 1 - x.shape[1], -1)], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
         return self.norm(self.blocks(x))

@@ -70,10 +70,11 @@ class ViT(nn.Module):
     def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
                final_norm: bool = True) -> torch.Tensor:
         """tokens [B, N, D] (+ ids_keep [B, K]) -> [B, 1+K, D] (K = N without ids_keep)."""
-        x = tokens + self.pos_embed[:, 1:]
+        pos = self.pos_embed.to(tokens.dtype)  # engines may keep buffers fp32 under bf16
+        x = tokens + pos[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = self.blocks(torch.cat([cls, x], dim=1))
         return self.norm(x) if final_norm else x
 

@@ -1,0 +1,63 @@
+"""2-process runs under torchrun (gloo on CPU): ZeRO-2 and ZeRO-3, across a breakpoint."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, subprocess_env
+
+from dbot_ds import checkpoint
+from dbot_ds.distributed import free_port
+from dbot_ds.export import read_export
+
+HERE = Path(__file__).parent
+
+
+def torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+
+
+def pretrain_args(out: Path, zero: int, *sets: str) -> list[str]:
+    ds = out.parent / f"zero{zero}.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": zero}, "bf16": {"enabled": False}}))
+    args = ["pretrain", "--out", str(out)]
+    for s in (*TINY, f"deepspeed={ds}", *sets):
+        args += ["--set", s]
+    return args
+
+
+def pretrain_2proc(out: Path, zero: int, *sets: str):
+    r = torchrun("-m", "dbot_ds.cli", *pretrain_args(out, zero, *sets))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_reinitialised_student_is_identical_on_two_ranks():
+    r = torchrun(str(HERE / "dist_replicas.py"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("replicas check OK") == 2
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_process_run_across_a_breakpoint(tmp_path, zero):
+    out = tmp_path / "run"
+    pretrain_2proc(out, zero, "stop_at_step=10")  # 8 steps per stage: stop 2 steps into stage 2
+    state = checkpoint.read_state(checkpoint.latest(out / "checkpoints"))
+    assert (state["stage"], state["step"], state["world_size"], state["zero_stage"]) == (2, 2, 2, zero)
+    pretrain_2proc(out, zero)  # resume
+    student, meta = read_export(out / "stage2")
+    assert meta["stage"] == 2 and set(student) >= {"encoder.cls_token", "decoder.mask_token", "head.weight"}
+    assert meta["teacher_sha256"] == read_export(out / "stage1")[1]["sha256"]
+
+
+def test_deepspeed_launcher_runs_two_ranks(tmp_path):
+    out = tmp_path / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "--module", "dbot_ds.cli", *pretrain_args(out, 1, "stages.epochs=[1,1]")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("stage export:") == 2  # printed by rank 0 only, one line per stage
+    assert checkpoint.read_state(checkpoint.latest(out / "checkpoints"))["world_size"] == 2

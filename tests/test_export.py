@@ -1,0 +1,82 @@
+"""`dbot-ds export`: resume checkpoint -> stage export, and timm-compatible encoder weights."""
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from dbot_ds import checkpoint
+from dbot_ds.cli import main
+from dbot_ds.export import ExportError, read_export, read_meta, write_export
+from dbot_ds.student import Student
+from dbot_ds.teacher import encoder_from_export
+from dbot_ds.train import pretrain
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, process_group):
+    out = tmp_path_factory.mktemp("run")
+    pretrain(tiny_config(), out)
+    return out
+
+
+def test_an_export_rebuilds_the_student_from_meta_alone(run_dir):
+    state, meta = read_export(run_dir / "stage2")
+    assert meta["stage"] == 2 and meta["teacher_sha256"] == read_meta(run_dir / "stage1")["sha256"]
+    from dbot_ds.models import DecoderArch, ViTArch
+    student = Student(ViTArch(**meta["encoder"]), DecoderArch(**meta["decoder"]), meta["target_width"])
+    student.load_state_dict(state, strict=True)
+
+
+def test_checkpoint_export_equals_the_stage_export(run_dir, tmp_path):
+    last = checkpoint.latest(run_dir / "checkpoints")
+    assert checkpoint.read_state(last)["step"] == 8 and checkpoint.read_state(last)["stage"] == 2
+    assert main(["export", str(last), "--out", str(tmp_path / "exp")]) == 0
+    assert read_meta(tmp_path / "exp")["sha256"] == read_meta(run_dir / "stage2")["sha256"]
+
+
+def test_timm_export_loads_strictly_and_gives_the_same_features(run_dir, tmp_path):
+    assert main(["export", str(run_dir / "stage2"), "--out", str(tmp_path), "--format", "timm"]) == 0
+    kwargs = json.loads((tmp_path / "timm_config.json").read_text())["kwargs"]
+    model = timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
+    model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+    ours, _ = encoder_from_export(run_dir / "stage2")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
+
+
+def test_an_existing_export_is_never_overwritten_by_other_weights(run_dir):
+    state, meta = read_export(run_dir / "stage1")
+    write_export(run_dir / "stage1", state, {})  # same weights: a no-op
+    state = {k: v + 1 for k, v in state.items()}
+    with pytest.raises(ExportError, match="refusing to overwrite"):
+        write_export(run_dir / "stage1", state, {})
+    assert read_meta(run_dir / "stage1")["sha256"] == meta["sha256"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "no meta.json"),
+    ("no_weights", "model.safetensors is missing"),
+    ("corrupt", "does not match meta.json"),
+])
+def test_a_missing_or_damaged_teacher_export_fails_before_training(run_dir, tmp_path, capsys, damage, message):
+    import shutil
+    teacher = tmp_path / "teacher"
+    if damage != "missing":
+        shutil.copytree(run_dir / "stage1", teacher)
+    if damage == "no_weights":
+        (teacher / "model.safetensors").unlink()
+    if damage == "corrupt":
+        (teacher / "model.safetensors").write_bytes(b"\0" * 64)
+    out = tmp_path / "run"
+    args = ["pretrain", "--out", str(out), "--set", f"teacher.init={teacher}"]
+    from conftest import TINY
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not any((out / "checkpoints").iterdir())
