@@ -131,8 +131,15 @@ def start_stage(run: Run, stage: int, initial_teacher=None):
 
 
 def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:
+    epoch, in_epoch = divmod(step, run.plan.steps_per_epoch)
     state = {"stage": stage, "step": step, "global_step": run.plan.global_step(stage, step),
              "teacher": teacher.identity, "world_size": run.world.size,
+             # The data position and every random draw are functions of (seed, stage, step):
+             # the epoch order of (seed, epoch), crops of (seed, epoch, index), masks and drop
+             # path of (seed, stage, step, micro-step, rank). Storing the position restores them.
+             "data_position": {"epoch": epoch, "step_in_epoch": in_epoch,
+                               "samples_seen_in_epoch": in_epoch * run.cfg.batch.global_batch},
+             "rng": {"seed": run.cfg.seed, "scheme": "derive_seed(seed, 'step', stage, step, micro, rank)"},
              "zero_stage": eng.zero_optimization_stage(), "config": run.cfg.to_dict()}
     checkpoint.save(eng, run.out / "checkpoints", state, is_main=run.world.is_main,
                     keep=run.cfg.checkpoint.keep,

@@ -122,3 +122,14 @@ def test_bf16_run_has_a_bf16_teacher_and_exports_fp32_master_weights(process_gro
     assert all(v.dtype == torch.float32 for v in state.values())
     assert state["encoder.pos_embed"].equal(fresh_student(run.cfg, 1, 32).encoder.pos_embed)
     eng.destroy()
+
+
+@pytest.mark.parametrize("sets", [
+    ("model.decoder=false", "loss.kind=cosine", "mask.ratio=0.4", "teacher.final_norm=true"),
+    ("teacher.random_depth=0",),
+], ids=["no-decoder-recipe", "depth0-random-teacher"])
+def test_recipe_variants_train_across_a_breakpoint(process_group, tmp_path, sets):
+    exports = pretrain(tiny_config(*sets, "stages.epochs=[1,1]"), tmp_path)
+    state, meta = read_export(exports[-1])
+    assert meta["decoder"] is (None if "model.decoder=false" in sets else meta["decoder"])
+    assert all(torch.isfinite(v).all() for v in state.values())

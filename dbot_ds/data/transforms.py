@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,9 +47,16 @@ def random_resized_crop_flip(img: torch.Tensor, size: int, scale: tuple[float, f
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a fresh torch.tensor(..., device=cuda) every step would sync."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+    return mean, std
+
+
 def normalize_on_device(imgs_u8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [B, 3, H, W] (pinned) -> normalised [B, 3, H, W] in dtype on device."""
-    x = imgs_u8.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(torch.device(device))
+    x = imgs_u8.to(device, non_blocking=True).float()
     return x.sub_(mean).div_(std).to(dtype)
