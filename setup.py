@@ -4,11 +4,11 @@ setup(
     name="dbot-ds",
     version="0.1.0",
     description="dBOT masked knowledge distillation with bootstrapped teachers, on DeepSpeed",
-    packages=find_packages(include=["dbot_ds", "dbot_ds.*"]),
+    packages=find_packages(include=["dbot_ds", "dbot_ds.*", "data_tools", "data_tools.*"]),
     python_requires=">=3.10",
     # No upper pins: the same install must work on a GPU cluster with its own CUDA torch.
     install_requires=["torch>=2.4", "torchvision", "timm>=1.0", "deepspeed>=0.15", "webdataset",
                       "safetensors", "numpy", "tqdm", "tensorboard"],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy"]},
     entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
 )

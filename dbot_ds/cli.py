@@ -1,4 +1,4 @@
-"""`dbot-ds pretrain | export | recipes`."""
+"""`dbot-ds pretrain | export | shards | recipes`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["dbot", "timm"], default="dbot")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("shards", help="WebDataset shards: convert, verify, inspect, index")
+    from data_tools.cli import add_commands
+    add_commands(p.add_subparsers(dest="shards_command", required=True))
+
     p = sub.add_parser("recipes", help="list the named recipes")
     p.set_defaults(func=cmd_recipes)
     return parser
@@ -76,12 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from dbot_ds.data.shards import ShardError
+
     try:
-        args.func(args)
-    except (ConfigError, ExportError, FileNotFoundError) as e:
+        return args.func(args) or 0
+    except (ConfigError, ExportError, ShardError, FileNotFoundError) as e:
         print(f"dbot-ds: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

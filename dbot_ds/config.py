@@ -104,10 +104,22 @@ class BatchConfig:
     """Per device; gradient accumulation = global / (micro * world size), derived."""
 
 
+DATA_SOURCES = ("synthetic", "shards", "generated_shards")
+
+
 @dataclasses.dataclass(kw_only=True)
 class DataConfig:
     source: str = "synthetic"
-    """synthetic: images generated from the seed (no files needed)."""
+    """synthetic: images generated from the seed, in memory; shards: WebDataset shards
+    (data.shards); generated_shards: generated images written as JPEGs, converted to shards in
+    <run>/data, then read like any shards."""
+    shards: str = ""
+    """A manifest.json (exact epochs), or a brace pattern / pipe: URL (resampled; needs epoch_samples)."""
+    epoch_samples: int = 0
+    """Samples per epoch in resampled mode (0: exact epochs from the manifest)."""
+    shuffle_buffer: int = 1000
+    max_bad_fraction: float = 0.01
+    """Training stops when more than this fraction of a worker's samples is unreadable."""
     synthetic_images: int = 4096
     synthetic_size: int | None = None
     """Side of generated images before cropping; None: 5/4 of the model's img_size."""
@@ -183,7 +195,10 @@ class RunConfig:
               f"batch.global_batch {self.batch.global_batch} is not a multiple of "
               f"batch.micro_batch {self.batch.micro_batch}")
         check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
-        check(self.data.source == "synthetic", f"data.source {self.data.source!r}: only 'synthetic' is known")
+        check(self.data.source in DATA_SOURCES,
+              f"data.source {self.data.source!r} is not one of {DATA_SOURCES}")
+        check(self.data.source != "shards" or bool(self.data.shards),
+              "data.source=shards needs data.shards (a manifest.json, a brace pattern or a pipe: URL)")
         check(0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1,
               f"data.crop_scale {self.data.crop_scale} must satisfy 0 < lo <= hi <= 1")
         check(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from dbot_ds.config import ConfigError
+from dbot_ds.config import ConfigError, deep_merge
 
 RECIPES: dict[str, dict] = {
     # A tiny 2-stage run on CPU with images it generates itself (the README's first command).
@@ -18,6 +18,8 @@ RECIPES: dict[str, dict] = {
         "stages": {"epochs": [4, 4]},
         "log_every": 8,
     },
+    # The same, reading WebDataset shards that the generated images are converted to first.
+    "demo_shards": {"base": "demo", "data": {"source": "generated_shards", "num_workers": 1}},
     # The paper's defaults: 2 stages x 800 epochs, batch 4096 (3 stages for dense tasks:
     # --set stages.epochs=[800,800,800]). ViT-L/H use a depth-0 random stage-1 teacher.
     "vit_base": {"model": {"size": "vit_base"}, "deepspeed": "vit_base",
@@ -32,4 +34,6 @@ RECIPES: dict[str, dict] = {
 def recipe_dict(name: str) -> dict:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    return {"recipe": name, **copy.deepcopy(RECIPES[name])}
+    body = copy.deepcopy(RECIPES[name])
+    base = body.pop("base", None)
+    return deep_merge(recipe_dict(base), {**body, "recipe": name}) if base else {"recipe": name, **body}

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dbot_ds import checkpoint, engine as ds_engine
 from dbot_ds.config import ConfigError, RunConfig
-from dbot_ds.data import EpochSampler, build_dataset, build_loader, normalize_on_device
+from dbot_ds.data import EpochSampler, ShardStream, build_data, normalize_on_device
 from dbot_ds.distributed import World, world_from_env
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.export import write_export
@@ -45,7 +45,7 @@ class Run:
     device: torch.device
     ds_config: dict
     plan: StagePlan
-    sampler: EpochSampler
+    position: EpochSampler | ShardStream  # where the loader is in its epoch
     loader: torch.utils.data.DataLoader
     log: MetricsLog
 
@@ -92,17 +92,19 @@ def setup(cfg: RunConfig, out: Path) -> Run:
     world = world_from_env()
     ds_config = resolve_ds_config(cfg, world.size)  # batch arithmetic and JSON conflicts fail here
     device = ds_engine.init_distributed(world)
-    dataset = build_dataset(cfg)
-    accum = ds_config["gradient_accumulation_steps"]
-    sampler = EpochSampler(len(dataset), rank=world.rank, world=world.size,
-                           micro=cfg.batch.micro_batch, accum=accum, seed=cfg.seed)
-    plan = StagePlan(tuple(cfg.stages.epochs), sampler.steps_per_epoch)
     if world.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    loader = build_loader(dataset, sampler, cfg.data.num_workers)
-    return Run(cfg, out, world, device, ds_config, plan, sampler, loader, MetricsLog(out, world.is_main))
+    loader, position = build_data(cfg, rank=world.rank, world=world.size, run_dir=out,
+                                  accum=ds_config["gradient_accumulation_steps"], barrier=barrier)
+    plan = StagePlan(tuple(cfg.stages.epochs), position.steps_per_epoch)
+    return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def find_resume(run: Run, resume: str) -> Path | None:
@@ -172,8 +174,7 @@ def export_stage(run: Run, eng, teacher: Teacher, stage: int) -> Path:
             "decoder": decoder.to_dict() if decoder else None,
             "target_width": eng.module.head.out_features,
             "drop_path": cfg.model.resolved_drop_path(), "config": cfg.to_dict()})
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return path
 
 
@@ -197,7 +198,7 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
                disable=not world.is_main, dynamic_ncols=True)
     while step < total:
         epoch, in_epoch = divmod(step, spe)
-        run.sampler.set_position(epoch, in_epoch)
+        run.position.set_position(epoch, in_epoch)
         for i, imgs in enumerate(run.loader):
             ds_engine.set_lr(eng, lr_at(step, total, warmup, peak, cfg.optim.min_lr))
             torch.manual_seed(derive_seed(cfg.seed, "step", stage, step, i % accum, world.rank))

@@ -1,26 +1,72 @@
-"""Data: datasets, the epoch sampler and the loader (shared with data_tools for shard formats)."""
+"""Data: in-memory generated images or streamed WebDataset shards, with exact epoch positions.
+
+Both sources expose the same position interface (`steps_per_epoch`, `set_position(epoch,
+step_in_epoch)`), which is what the training loop and its checkpoints see.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dbot_ds.config import RunConfig
 from dbot_ds.data.sampler import EpochSampler
-from dbot_ds.data.synthetic import SyntheticImages
+from dbot_ds.data.shard_loader import ShardStream
+from dbot_ds.data.shards import read_manifest
+from dbot_ds.data.synthetic import SyntheticImages, write_generated_imagefolder
 from dbot_ds.data.transforms import normalize_on_device
 
 
-def build_dataset(cfg: RunConfig) -> Dataset:
+def generated_shards(cfg: RunConfig, run_dir: Path) -> Path:
+    """Write the generated image set as JPEGs and convert it to shards (once per run dir)."""
+    from data_tools.convert import convert
+    from data_tools.sources import imagefolder
+
+    manifest = run_dir / "data" / "shards" / "manifest.json"
+    if not manifest.is_file():
+        size = cfg.data.synthetic_size or cfg.model.img_size * 5 // 4
+        write_generated_imagefolder(run_dir / "data" / "images", cfg.data.synthetic_images, size, cfg.seed)
+        items, classes = imagefolder(run_dir / "data" / "images")
+        convert(items, classes, manifest.parent, seed=cfg.seed, shard_size=256, progress=False)
+    return manifest
+
+
+def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Path,
+               barrier: Callable[[], None]):
+    """-> (DataLoader of uint8 [micro, 3, H, W] batches, its position: EpochSampler | ShardStream)."""
     d = cfg.data
-    size = d.synthetic_size or cfg.model.img_size * 5 // 4
-    return SyntheticImages(d.synthetic_images, size, cfg.model.img_size, d.crop_scale, d.hflip, cfg.seed)
+    common = dict(rank=rank, world=world, micro=cfg.batch.micro_batch, accum=accum, seed=cfg.seed)
+    workers = d.num_workers
+    loader_kw = dict(batch_size=cfg.batch.micro_batch, num_workers=workers,
+                     pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                     prefetch_factor=4 if workers > 0 else None)
+    if d.source == "synthetic":
+        size = d.synthetic_size or cfg.model.img_size * 5 // 4
+        dataset = SyntheticImages(d.synthetic_images, size, cfg.model.img_size, d.crop_scale, d.hflip, cfg.seed)
+        sampler = EpochSampler(len(dataset), **common)
+        return DataLoader(dataset, sampler=sampler, **loader_kw), sampler
+    if d.source == "generated_shards":
+        if rank == 0:
+            generated_shards(cfg, run_dir)
+        barrier()
+        source = str(run_dir / "data" / "shards" / "manifest.json")
+    else:
+        source = d.shards
+    if source.endswith(".json"):
+        stream = ShardStream(manifest=read_manifest(source), epoch_samples=d.epoch_samples or None, **common,
+                             crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip,
+                             shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
+    else:
+        import braceexpand
+
+        urls = [u for part in source.split("::") for u in braceexpand.braceexpand(part)]
+        stream = ShardStream(urls=urls, epoch_samples=d.epoch_samples or None, **common,
+                             crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip,
+                             shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
+    return DataLoader(stream, **loader_kw), stream
 
 
-def build_loader(dataset: Dataset, sampler: EpochSampler, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=sampler.micro, sampler=sampler, num_workers=num_workers,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      drop_last=False)
-
-
-__all__ = ["build_dataset", "build_loader", "EpochSampler", "normalize_on_device"]
+__all__ = ["build_data", "EpochSampler", "ShardStream", "normalize_on_device"]

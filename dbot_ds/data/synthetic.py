@@ -44,3 +44,17 @@ class SyntheticImages(Dataset):
         epoch, i = key
         g = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, i))
         return random_resized_crop_flip(self.images[i], self.crop, self.scale, self.hflip, g)
+
+
+def write_generated_imagefolder(root, n: int, size: int, seed: int, classes: int = 10) -> None:
+    """Generated images as JPEG files in root/<class>/<name>.JPEG (an ImageFolder tree)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    images = generate_images(n, size, derive_seed(seed, "synthetic-images"))
+    for i, img in enumerate(images):
+        folder = root / f"class_{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"gen_{i:07d}.JPEG", quality=90)

@@ -1,0 +1,1 @@
+"""Shard conversion, verification and inspection (`dbot-ds shards ...`, or `python -m data_tools`)."""

@@ -1,0 +1,90 @@
+"""Check a shard set against its manifest; show a few samples; index foreign shards."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from dbot_ds.data.shards import (IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardInfo, file_sha256,
+                                 read_manifest, write_manifest)
+from dbot_ds.data.tar_samples import iter_shard_samples
+
+
+def verify(manifest_path: str | Path, progress: bool = True) -> list[str]:
+    """Every shard: present, sha256 and sample count as listed, every image decodes, every
+    label in range. Returns the problems found (empty: all good)."""
+    m = read_manifest(manifest_path)
+    problems = []
+    for info, url in tqdm(list(zip(m.shards, m.urls())), desc="verify", unit="shard", disable=not progress):
+        if not Path(url).is_file():
+            problems.append(f"{info.name}: missing")
+            continue
+        if file_sha256(url) != info.sha256:
+            problems.append(f"{info.name}: sha256 does not match the manifest")
+        count = 0
+        try:
+            for sample in iter_shard_samples(url):
+                count += 1
+                problems += [f"{info.name}:{sample['__key__']}: {p}" for p in check_sample(sample, len(m.classes))]
+        except Exception as e:
+            problems.append(f"{info.name}: unreadable tar ({type(e).__name__}: {e})")
+        if count != info.samples:
+            problems.append(f"{info.name}: {count} samples, the manifest says {info.samples}")
+    return problems
+
+
+def check_sample(sample: dict, num_classes: int) -> list[str]:
+    missing = [k for k in (IMAGE_KEY, LABEL_KEY) if k not in sample]
+    if missing:
+        return [f"missing {', '.join(missing)}"]
+    out = []
+    try:
+        with Image.open(io.BytesIO(sample[IMAGE_KEY])) as img:
+            img.convert("RGB").load()
+    except Exception as e:
+        out.append(f"image does not decode ({type(e).__name__}: {e})")
+    label = int(sample[LABEL_KEY])
+    if not 0 <= label < num_classes:
+        out.append(f"label {label} outside [0, {num_classes})")
+    return out
+
+
+def inspect(manifest_path: str | Path, n: int = 5) -> str:
+    m = read_manifest(manifest_path)
+    lines = [f"{len(m.shards)} shards, {m.total} samples, {len(m.classes)} classes"]
+    histogram = Counter()
+    shown = 0
+    for url in m.urls():
+        for sample in iter_shard_samples(url):
+            label = int(sample[LABEL_KEY])
+            histogram[label] += 1
+            if shown < n:
+                meta = json.loads(sample.get(META_KEY, b"{}"))
+                lines.append(f"  {sample['__key__']}: label {label} ({m.classes[label]}), "
+                             f"{meta.get('width')}x{meta.get('height')}, {len(sample[IMAGE_KEY])} bytes, "
+                             f"from {meta.get('filename')}")
+                shown += 1
+    lines.append("class histogram (label: wnid count):")
+    lines += [f"  {label}: {m.classes[label]} {count}" for label, count in sorted(histogram.items())]
+    return "\n".join(lines)
+
+
+def index(shards: list[str | Path], out: str | Path, classes: list[str] | None = None) -> Manifest:
+    """A manifest for shards written elsewhere (e.g. timm/imagenet-1k-wds): counts, sizes, sha256."""
+    out = Path(out)
+    infos, max_label = [], -1
+    for path in tqdm(sorted(Path(p) for p in shards), desc="index", unit="shard"):
+        labels = [int(s[LABEL_KEY]) for s in iter_shard_samples(path)]
+        max_label = max([max_label, *labels])
+        infos.append(ShardInfo(str(path.resolve().relative_to(out.parent.resolve()))
+                               if path.resolve().is_relative_to(out.parent.resolve()) else str(path.resolve()),
+                               len(labels), path.stat().st_size, file_sha256(path)))
+    classes = classes or [str(i) for i in range(max_label + 1)]
+    m = Manifest(infos, classes, {"indexed": True}, out.parent)
+    write_manifest(m, out)
+    return m
