@@ -65,9 +65,10 @@ def normalize_image(data: bytes, resize_short_side: int | None = None) -> tuple[
             img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
         return encode_jpeg(img, 90), img.width, img.height, "resized"
     if fmt == "JPEG" and mode == "RGB":
-        img.draft("RGB", (img.width // 8 or 1, img.height // 8 or 1))  # cheap full-stream decode check
+        width, height = img.size
+        img.draft("RGB", (width // 8 or 1, height // 8 or 1))  # a cheap full-stream decode check
         img.load()
-        return data, img.width, img.height, None
+        return data, width, height, None
     reason = f"{(fmt or 'unknown').lower()}-{mode.lower()}"
     img = img.convert("RGB")
     return encode_jpeg(img), img.width, img.height, reason

@@ -1,5 +1,6 @@
 """Resume: stopping and resuming anywhere gives bit-identical weights (fp32 on CPU)."""
 
+import json
 import shutil
 import signal
 import subprocess
@@ -94,3 +95,14 @@ def test_a_killed_run_resumes_to_the_same_weights(process_group, tmp_path):
     assert 5 <= stopped_at < 80, "the run finished before it could be killed"
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     assert _shas(out) == _shas(tmp_path / "straight")
+
+
+def test_shard_training_resumes_mid_epoch_exactly_with_two_workers(process_group, tmp_path):
+    shards = ("data.source=generated_shards", "data.num_workers=2", "data.synthetic_images=80",
+              "data.shuffle_buffer=16")  # 5 steps per epoch
+    pretrain(tiny_config(*shards), tmp_path / "straight")
+    pretrain(tiny_config(*shards, "stop_at_step=7"), tmp_path / "resumed")  # mid-epoch, stage 1
+    pretrain(tiny_config(*shards), tmp_path / "resumed")
+    assert _shas(tmp_path / "resumed") == _shas(tmp_path / "straight")
+    manifest = json.loads((tmp_path / "straight" / "data" / "shards" / "manifest.json").read_text())
+    assert manifest["total"] == 80

@@ -74,7 +74,7 @@ def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
     sx, sy = img.width / full_w, img.height / full_h
     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     img = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-    out = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)
+    out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # [3, size, size] uint8
     if hflip and torch.rand(1, generator=g).item() < 0.5:
         out = out.flip(-1)
     return out.contiguous()
@@ -136,6 +136,10 @@ class ShardStream(IterableDataset):
                 except Exception as e:
                     bad.add(piece.stop - max(seen, piece.start),
                             f"{piece.url}: unreadable after sample {seen} ({type(e).__name__}: {e})")
+                    continue
+                if seen < piece.stop:  # a truncated tar can simply end early
+                    bad.add(piece.stop - max(seen, piece.start),
+                            f"{piece.url}: unreadable after sample {seen} (ends early: truncated?)")
             return
         rng = random.Random(derive_seed(self.seed, "resample", epoch, self.rank, slot))
         produced = 0
