@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     from data_tools.cli import add_commands
     add_commands(p.add_subparsers(dest="shards_command", required=True))
 
+    p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
+    p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", type=int, help="loader workers for the total rate (default: all cores)")
+    p.add_argument("--work-dir", help="where the temporary shards go (default: the system temp dir)")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=lambda a: __import__("dbot_ds.bench_data", fromlist=["main"]).main(a))
+
     p = sub.add_parser("recipes", help="list the named recipes")
     p.set_defaults(func=cmd_recipes)
     return parser

@@ -44,3 +44,23 @@ def test_bad_input_exits_2_with_the_problem_before_any_work(tmp_path, args, mess
     assert r.returncode == 2
     assert message in r.stderr
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def test_bench_data_prints_rates_and_ratios(tmp_path):
+    r = dbot_ds("bench-data", "--images", "40", "--repeats", "1", "--workers", "1",
+                "--json", str(tmp_path / "bench.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "full_pipeline_per_core / raw_decode" in r.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["images_per_s"]["raw_decode"] > 0 and result["ratios"]["resized / full (per core)"] > 0
+
+
+def test_shards_subcommands_are_reachable_from_dbot_ds(tmp_path):
+    from imagegen import mini_imagenet
+    mini_imagenet(tmp_path / "train")
+    r = dbot_ds("shards", "convert", "--imagefolder", str(tmp_path / "train"), "--out", str(tmp_path / "s"),
+                "--shard-size", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "18 samples, 3 classes" in r.stdout and '"jpeg-cmyk": 1' in r.stdout
+    r = dbot_ds("shards", "verify", str(tmp_path / "s" / "manifest.json"))
+    assert r.returncode == 0 and "OK" in r.stdout

@@ -18,19 +18,16 @@ round-robin order continues exactly where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import multiprocessing
 import random
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dbot_ds.data.shards import IMAGE_KEY, Manifest, ShardError
 from dbot_ds.data.tar_samples import iter_shard_samples
-from dbot_ds.data.transforms import rrc_box
+from dbot_ds.data.transforms import decode_crop
 from dbot_ds.seeding import derive_seed
 
 log = logging.getLogger("dbot_ds.data")
@@ -57,27 +54,6 @@ def cut(shards: list[tuple[str, int]], begin: int, end: int) -> list[Piece]:
 def slot_batches(slot: int, workers: int, total_batches: int, start: int = 0) -> int:
     """Micro-batches of round-robin slot `slot` among batch indices [start, total)."""
     return len(range(slot, total_batches, workers)) - len(range(slot, start, workers))
-
-
-def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
-                g: torch.Generator) -> torch.Tensor:
-    """JPEG bytes -> RandomResizedCrop + flip -> uint8 [3, size, size]. The crop box is drawn on
-    the full image; when it is 2x+ larger than the output, libjpeg decodes at 1/2, 1/4 or 1/8
-    scale (Image.draft), which is much cheaper and visually the same at the output size."""
-    img = Image.open(io.BytesIO(data))
-    full_w, full_h = img.size
-    top, left, h, w = rrc_box(full_h, full_w, scale, g)
-    reduce = min(h, w) / size
-    if reduce >= 2 and img.format == "JPEG":
-        img.draft("RGB", (int(full_w / reduce) + 1, int(full_h / reduce) + 1))
-    img = img.convert("RGB")
-    sx, sy = img.width / full_w, img.height / full_h
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    img = img.resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-    out = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # [3, size, size] uint8
-    if hflip and torch.rand(1, generator=g).item() < 0.5:
-        out = out.flip(-1)
-    return out.contiguous()
 
 
 class ShardStream(IterableDataset):
@@ -178,9 +154,9 @@ class ShardStream(IterableDataset):
             if index < skip:
                 index += 1
                 continue
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
+            rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
             try:
-                last = decode_crop(sample[IMAGE_KEY], self.crop, self.scale, self.hflip, g)
+                last = decode_crop(sample[IMAGE_KEY], self.crop, self.scale, self.hflip, rng)
             except Exception as e:
                 bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: "
                         f"{'no ' + IMAGE_KEY if IMAGE_KEY not in sample else type(e).__name__ + ': ' + str(e)}")

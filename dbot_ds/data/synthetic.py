@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import Dataset
 
@@ -42,8 +44,8 @@ class SyntheticImages(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, i = key
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "augment", epoch, i))
-        return random_resized_crop_flip(self.images[i], self.crop, self.scale, self.hflip, g)
+        rng = random.Random(derive_seed(self.seed, "augment", epoch, i))
+        return random_resized_crop_flip(self.images[i], self.crop, self.scale, self.hflip, rng)
 
 
 def write_generated_imagefolder(root, n: int, size: int, seed: int, classes: int = 10) -> None:

@@ -3,30 +3,32 @@
 from __future__ import annotations
 
 import functools
+import io
 import math
+import random
 
+import numpy as np
+import simplejpeg
 import torch
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def rrc_box(height: int, width: int, scale: tuple[float, float], g: torch.Generator,
+def rrc_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params with an explicit generator: (top, left, h, w)."""
+    """torchvision's RandomResizedCrop.get_params with an explicit RNG: (top, left, h, w)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
-        u = torch.rand(2, generator=g).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
-            return top, left, h, w
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
     in_ratio = width / height  # fallback: central crop
     if in_ratio < ratio[0]:
         w, h = width, int(round(width / ratio[0]))
@@ -38,13 +40,39 @@ def rrc_box(height: int, width: int, scale: tuple[float, float], g: torch.Genera
 
 
 def random_resized_crop_flip(img: torch.Tensor, size: int, scale: tuple[float, float], hflip: bool,
-                             g: torch.Generator) -> torch.Tensor:
+                             rng: random.Random) -> torch.Tensor:
     """img uint8 [3, H, W] -> uint8 [3, size, size]."""
-    top, left, h, w = rrc_box(img.shape[-2], img.shape[-1], scale, g)
+    top, left, h, w = rrc_box(img.shape[-2], img.shape[-1], scale, rng)
     out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-    if hflip and torch.rand(1, generator=g).item() < 0.5:
-        out = out.flip(-1)
-    return out
+    return out.flip(-1) if hflip and rng.random() < 0.5 else out
+
+
+def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
+                rng: random.Random) -> torch.Tensor:
+    """JPEG bytes -> RandomResizedCrop + flip -> uint8 [3, size, size].
+
+    simplejpeg (libjpeg-turbo) decodes about 30% faster than Pillow. The crop box is drawn on
+    the full image; when it is 2x+ larger than the output, the JPEG is decoded at a reduced DCT
+    scale (1/2, 1/4, 1/8), which is much cheaper and the same at the output size."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        img = None
+    except ValueError:  # not a JPEG that simplejpeg reads (e.g. a PNG): Pillow decodes it
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        width, height = img.size
+    top, left, h, w = rrc_box(height, width, scale, rng)
+    if img is None:
+        reduce = min(h, w) / size
+        limit = {"min_height": math.ceil(height / reduce), "min_width": math.ceil(width / reduce)} \
+            if reduce >= 2 else {}
+        img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **limit))
+    sx, sy = img.width / width, img.height / height
+    img = img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
+                     reducing_gap=None)
+    out = np.asarray(img)  # [size, size, 3]
+    if hflip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
 @functools.lru_cache(maxsize=None)
