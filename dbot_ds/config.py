@@ -117,6 +117,9 @@ class DataConfig:
     """A manifest.json (exact epochs), or a brace pattern / pipe: URL (resampled; needs epoch_samples)."""
     epoch_samples: int = 0
     """Samples per epoch in resampled mode (0: exact epochs from the manifest)."""
+    decode: str = "cpu"
+    """Shards only: cpu (loader workers decode and crop) or device (workers read bytes and draw
+    crop boxes; the accelerator decodes with torchvision.io.decode_jpeg)."""
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01
     """Training stops when more than this fraction of a worker's samples is unreadable."""
@@ -197,6 +200,9 @@ class RunConfig:
         check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
         check(self.data.source in DATA_SOURCES,
               f"data.source {self.data.source!r} is not one of {DATA_SOURCES}")
+        check(self.data.decode in ("cpu", "device"), f"data.decode {self.data.decode!r}: cpu or device")
+        check(self.data.decode == "cpu" or self.data.source != "synthetic",
+              "data.decode=device needs JPEG shards (data.source=shards or generated_shards)")
         check(self.data.source != "shards" or bool(self.data.shards),
               "data.source=shards needs data.shards (a manifest.json, a brace pattern or a pipe: URL)")
         check(0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1,

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dbot_ds import checkpoint, engine as ds_engine
 from dbot_ds.config import ConfigError, RunConfig
-from dbot_ds.data import EpochSampler, ShardStream, build_data, normalize_on_device
+from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
 from dbot_ds.distributed import World, world_from_env
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.export import write_export
@@ -58,11 +58,11 @@ class Run:
         return self.cfg.teacher.update != "breakpoint"
 
 
-def train_micro_step(eng, teacher: Teacher, imgs_u8: torch.Tensor, cfg: RunConfig,
+def train_micro_step(eng, teacher: Teacher, batch, cfg: RunConfig,
                      device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """One micro-batch: teacher targets, masked student forward, loss, backward, (optimizer) step.
     Returns the loss as a device tensor: no host synchronisation here."""
-    imgs = normalize_on_device(imgs_u8, device, dtype)             # [B, 3, H, W]
+    imgs = batch_to_device(batch, device, dtype, cfg.model.img_size)  # [B, 3, H, W]
     target = teacher.targets(imgs)                                 # [B, 1+N, Dt]
     masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
     pred = eng(imgs, masks)                                        # [B, 1+N, Dt]

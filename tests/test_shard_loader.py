@@ -113,3 +113,21 @@ def test_webdataset_shardwriter_output_in_the_timm_layout_is_read(tmp_path):
                          crop=16, scale=(0.5, 1.0), hflip=False)
         got = read_epoch(ds, epoch=0)
         assert len(got) == 4 and all(0 <= i < 30 for b in got for i in b)
+
+
+def test_device_decode_path_gives_the_same_samples_as_the_cpu_path(uneven):
+    """The accelerator path (run here on the CPU) reads the same samples, boxes and flips."""
+    from dbot_ds.data.device_decode import collate_jpegs, decode_batch
+
+    cpu = read_epoch(stream(uneven, micro=4), epoch=0, workers=2)
+    ds = stream(uneven, micro=4, decode="device")
+    ds.set_position(0, 0)
+    batches = list(DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_jpegs))
+    got = []
+    for b in batches:
+        imgs = decode_batch(b, 16, torch.device("cpu"), torch.float32)
+        assert imgs.shape == (4, 3, 16, 16)
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        got.append([solid_index((img * std[0] + mean[0]) * 255) for img in imgs])
+    assert got == cpu

@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import braceexpand
 import torch
 from torch.utils.data import DataLoader
 
 from dbot_ds.config import RunConfig
+from dbot_ds.data.device_decode import JpegBatch, collate_jpegs, decode_batch
 from dbot_ds.data.sampler import EpochSampler
 from dbot_ds.data.shard_loader import ShardStream
 from dbot_ds.data.shards import read_manifest
@@ -56,17 +58,22 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
     else:
         source = d.shards
     if source.endswith(".json"):
-        stream = ShardStream(manifest=read_manifest(source), epoch_samples=d.epoch_samples or None, **common,
-                             crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip,
-                             shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
+        where = {"manifest": read_manifest(source)}
     else:
-        import braceexpand
-
-        urls = [u for part in source.split("::") for u in braceexpand.braceexpand(part)]
-        stream = ShardStream(urls=urls, epoch_samples=d.epoch_samples or None, **common,
-                             crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip,
-                             shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
+        where = {"urls": [u for part in source.split("::") for u in braceexpand.braceexpand(part)]}
+    stream = ShardStream(**where, epoch_samples=d.epoch_samples or None, **common,
+                         crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip, decode=d.decode,
+                         shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
+    if d.decode == "device":
+        loader_kw["collate_fn"] = collate_jpegs
     return DataLoader(stream, **loader_kw), stream
 
 
-__all__ = ["build_data", "EpochSampler", "ShardStream", "normalize_on_device"]
+def batch_to_device(batch, device: torch.device, dtype: torch.dtype, size: int) -> torch.Tensor:
+    """A loader batch -> normalised images [B, 3, size, size] on device."""
+    if isinstance(batch, JpegBatch):
+        return decode_batch(batch, size, device, dtype)
+    return normalize_on_device(batch, device, dtype)
+
+
+__all__ = ["build_data", "batch_to_device", "EpochSampler", "ShardStream"]

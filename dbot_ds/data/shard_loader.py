@@ -25,6 +25,7 @@ import random
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dbot_ds.data.device_decode import jpeg_sample
 from dbot_ds.data.shards import IMAGE_KEY, Manifest, ShardError
 from dbot_ds.data.tar_samples import iter_shard_samples
 from dbot_ds.data.transforms import decode_crop
@@ -60,7 +61,7 @@ class ShardStream(IterableDataset):
     def __init__(self, *, manifest: Manifest | None = None, urls: list[str] | None = None,
                  epoch_samples: int | None = None, rank: int, world: int, micro: int, accum: int,
                  seed: int, crop: int, scale: tuple[float, float], hflip: bool,
-                 shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01):
+                 shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu"):
         if manifest is None and not epoch_samples:
             raise ShardError("shards without a manifest stream in resampled mode and need "
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
@@ -69,6 +70,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro, accum, seed
         self.crop, self.scale, self.hflip = crop, scale, hflip
         self.shuffle_buffer, self.max_bad_fraction = shuffle_buffer, max_bad_fraction
+        self.decode = decode  # "cpu": uint8 crops; "device": JPEG bytes + crop boxes (device_decode)
         total = manifest.total if self.exact else epoch_samples
         self.steps_per_epoch = total // (micro * accum * world)
         if self.steps_per_epoch == 0:
@@ -156,7 +158,7 @@ class ShardStream(IterableDataset):
                 continue
             rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
             try:
-                last = decode_crop(sample[IMAGE_KEY], self.crop, self.scale, self.hflip, rng)
+                last = self.prepare(sample[IMAGE_KEY], rng)
             except Exception as e:
                 bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: "
                         f"{'no ' + IMAGE_KEY if IMAGE_KEY not in sample else type(e).__name__ + ': ' + str(e)}")
@@ -169,6 +171,12 @@ class ShardStream(IterableDataset):
                 raise ShardError(f"rank {self.rank}: no readable sample in this worker's shards")
             for _ in range(skip + count - max(index, skip)):
                 yield last
+
+
+    def prepare(self, data: bytes, rng: random.Random):
+        if self.decode == "device":
+            return jpeg_sample(data, self.scale, self.hflip, rng)
+        return decode_crop(data, self.crop, self.scale, self.hflip, rng)
 
 
 class BadCounter:
