@@ -26,7 +26,7 @@ def cmd_pretrain(args) -> None:
     cfg = load_config(args.recipe, args.config, args.set)
     from dbot_ds.distributed import world_from_env
 
-    exports = pretrain(cfg, args.out, resume=args.resume)
+    exports = pretrain(cfg, args.out, resume=args.resume, only_stage=args.stage)
     shutdown_distributed()  # on success only: after a failure on one rank a barrier would hang
     if world_from_env().is_main:
         for path in exports:
@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (exports, checkpoints, logs)")
     p.add_argument("--resume", default="auto",
                    help="auto: newest complete checkpoint in --out (default); none; or a checkpoint dir")
+    p.add_argument("--stage", type=int, help="run only this stage (1-based; a Slurm stage job): its "
+                   "teacher must be the previous stage's export; exits at once if the stage is done")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("export", help="a resume checkpoint or stage export -> export / timm weights")
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shards", help="WebDataset shards: convert, verify, inspect, index")
     from data_tools.cli import add_commands
     add_commands(p.add_subparsers(dest="shards_command", required=True))
+
+    p = sub.add_parser("slurm", help="submit the stages as a chain of Slurm jobs")
+    from dbot_ds.slurm import add_commands as add_slurm_commands
+    add_slurm_commands(p.add_subparsers(dest="slurm_command", required=True))
 
     p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
     p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")

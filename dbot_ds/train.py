@@ -22,7 +22,7 @@ from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
 from dbot_ds.distributed import World, world_from_env
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
-from dbot_ds.export import write_export
+from dbot_ds.export import ExportError, read_export, write_export
 from dbot_ds.losses import masked_distill_loss
 from dbot_ds.masking import random_masking
 from dbot_ds.metrics import MetricsLog
@@ -30,7 +30,10 @@ from dbot_ds.schedule import ema_momentum_at, lr_at
 from dbot_ds.seeding import derive_seed
 from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir,
                             initial_teacher_encoder, stage_student)
-from dbot_ds.teacher import Teacher
+from dbot_ds.preemption import StopSignal
+from dbot_ds.teacher import Teacher, check_fits, encoder_from_export
+
+PREEMPT_POLL_EVERY = 5  # optimizer steps between stop checks (decided one poll later)
 
 # Keys that may change between a checkpoint and its resume; any other difference is an error.
 RESUMABLE_CHANGES = ("stop_at_step", "log_every", "data.num_workers", "checkpoint.every_steps",
@@ -48,6 +51,8 @@ class Run:
     position: EpochSampler | ShardStream  # where the loader is in its epoch
     loader: torch.utils.data.DataLoader
     log: MetricsLog
+    stop: StopSignal
+    preempted: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,7 +104,8 @@ def setup(cfg: RunConfig, out: Path) -> Run:
     loader, position = build_data(cfg, rank=world.rank, world=world.size, run_dir=out,
                                   accum=ds_config["gradient_accumulation_steps"], barrier=barrier)
     plan = StagePlan(tuple(cfg.stages.epochs), position.steps_per_epoch)
-    return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main))
+    return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main),
+               StopSignal(device))
 
 
 def barrier() -> None:
@@ -107,10 +113,17 @@ def barrier() -> None:
         dist.barrier()
 
 
-def find_resume(run: Run, resume: str) -> Path | None:
+def find_resume(run: Run, resume: str, only_stage: int | None = None) -> Path | None:
     if resume == "none":
         return None
-    ckpt = checkpoint.latest(run.out / "checkpoints") if resume == "auto" else Path(resume)
+    root = run.out / "checkpoints"
+    if resume != "auto":
+        ckpt = Path(resume)
+    elif only_stage is None:
+        ckpt = checkpoint.latest(root)
+    else:  # a single-stage job resumes only from its own stage's checkpoints
+        own = [c for c in checkpoint.complete_checkpoints(root) if checkpoint.read_state(c)["stage"] == only_stage]
+        ckpt = own[-1] if own else None
     if ckpt is not None:
         check_resumable(checkpoint.read_state(ckpt)["config"], run.cfg, ckpt)
     return ckpt
@@ -214,11 +227,15 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
             if step % cfg.log_every == 0 or step == total:
                 loss_sum, loss_count, t_log, step_log = log_metrics(
                     run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak)
-            stopping = stop_requested(run, stage, step)
+            if step % PREEMPT_POLL_EVERY == 0 and run.stop.poll():
+                run.preempted = True
+            stopping = run.preempted or stop_requested(run, stage, step)
             if should_save(run, step, total, stopping):
                 save_checkpoint(run, eng, teacher, stage, step)
             if stopping:
                 bar.close()
+                if run.preempted and world.is_main:
+                    print(f"preempted: checkpoint saved at stage {stage} step {step}", flush=True)
                 return step
     bar.close()
     return step
@@ -239,23 +256,46 @@ def log_metrics(run, bar, stage, step, loss_sum, loss_count, t_log, step_log, to
     return torch.zeros((), device=run.device), 0, now, step
 
 
-def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto") -> list[Path]:
-    """Run (or continue) every stage; returns the stage exports written so far."""
+def check_stage_start(cfg: RunConfig, out: Path, stage: int) -> Path | None:
+    """For a single-stage job: the finished export if the stage is already done; otherwise check,
+    before anything starts, that the stage's teacher is there, complete and fits."""
+    if not 1 <= stage <= len(cfg.stages.epochs):
+        raise ConfigError(f"--stage {stage}: the run has stages 1..{len(cfg.stages.epochs)}")
+    done = export_dir(out, stage)
+    if (done / "meta.json").is_file():
+        read_export(done)  # verifies the sha256
+        return done
+    if stage > 1 and cfg.teacher.update == "breakpoint":
+        teacher = export_dir(out, stage - 1)
+        try:
+            encoder, _ = encoder_from_export(teacher)
+        except ExportError as e:
+            raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
+        check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({teacher})")
+    return None
+
+
+def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto", only_stage: int | None = None) -> list[Path]:
+    """Run (or continue) every stage, or only `only_stage` (one Slurm job per stage); returns
+    the stage exports written so far."""
     out = Path(out)
+    if only_stage is not None and (done := check_stage_start(cfg, out, only_stage)):
+        return [done]
     run = setup(cfg, out)
-    ckpt = find_resume(run, resume)
-    first = checkpoint.read_state(ckpt)["stage"] if ckpt else 1
+    ckpt = find_resume(run, resume, only_stage)
+    first = checkpoint.read_state(ckpt)["stage"] if ckpt else (only_stage or 1)
+    last = only_stage or run.plan.num_stages
     # Read and check a pretrained teacher before any step (a random one is built from the seed).
     initial = initial_teacher_encoder(cfg) if first == 1 and not run.ema else None
-    exports = [export_dir(out, s) for s in range(1, first)]
-    for stage in range(first, run.plan.num_stages + 1):
+    exports = [] if only_stage else [export_dir(out, s) for s in range(1, first)]
+    for stage in range(first, last + 1):
         teacher, eng = start_stage(run, stage, initial if stage == 1 else None)
         step = resume_stage(run, eng, teacher, ckpt) if ckpt and stage == first else 0
         step = train_stage(run, eng, teacher, stage, step)
         if step == run.plan.steps(stage):
             exports.append(export_stage(run, eng, teacher, stage))
         eng.destroy()
-        if stop_requested(run, stage, step):
+        if run.preempted or stop_requested(run, stage, step):
             break
     run.log.close()
     return exports

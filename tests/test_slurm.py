@@ -1,0 +1,116 @@
+"""The Slurm stage chain on a real (throwaway, local, 2-node) Slurm cluster, tiny models on CPU."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY, subprocess_env
+
+from dbot_ds import checkpoint
+from dbot_ds.export import read_meta
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(os.environ.get("DBOT_SKIP_SLURM") == "1", reason="DBOT_SKIP_SLURM=1")
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The cluster .ci/run started (SLURM_CONF set), or one started (and stopped) here."""
+    env = subprocess_env()
+    started = False
+    if not (env.get("SLURM_CONF") and subprocess.run(["sinfo"], env=env, capture_output=True).returncode == 0):
+        env["DBOT_SLURM_DIR"] = "/tmp/dbot-slurm-pytest"
+        r = subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "start"], env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"could not start the test Slurm cluster:\n{r.stdout}\n{r.stderr}"
+        env["SLURM_CONF"] = "/tmp/dbot-slurm-pytest/slurm.conf"
+        started = True
+    env["PYTHONUNBUFFERED"] = "1"
+    yield env
+    if started:
+        subprocess.run([str(ROOT / "slurm" / "cluster.sh"), "stop"], env=env, check=True)
+
+
+def submit(env, out, *args):
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "submit", "--out", str(out), "--gpus-per-node", "0",
+           "--time", "10", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return re.findall(r"job (\d+)", r.stdout)
+
+
+def job_state(env, job) -> str:
+    r = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True)
+    return re.search(r"JobState=(\w+)", r.stdout).group(1) if r.returncode == 0 else "GONE"
+
+
+def wait_done(env, jobs, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = [job_state(env, j) for j in jobs]
+        if all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "GONE") for s in states):
+            return states
+        time.sleep(1)
+    raise AssertionError(f"jobs {jobs} still {states} after {timeout}s")
+
+
+def sets(*extra):
+    return [f"--set={s}" for s in (*TINY, *extra)]
+
+
+def log(out, stage=1):
+    return (Path(out) / "logs" / f"stage{stage}.log").read_text()
+
+
+def test_a_two_stage_chain_completes_and_stage2_learns_from_stage1(slurm, tmp_path):
+    out = tmp_path / "run"
+    jobs = submit(slurm, out, *sets())
+    assert len(jobs) == 2
+    assert wait_done(slurm, jobs) == ["COMPLETED", "COMPLETED"], log(out, 1)[-3000:] + log(out, 2)[-3000:]
+    assert read_meta(out / "stage2")["teacher_sha256"] == read_meta(out / "stage1")["sha256"]
+
+
+def test_a_failing_stage_cancels_its_dependents(slurm, tmp_path):
+    out = tmp_path / "run"
+    jobs = submit(slurm, out, *sets("teacher.init=/nonexistent/teacher"))
+    assert wait_done(slurm, jobs) == ["FAILED", "CANCELLED"]
+    assert "no meta.json in /nonexistent/teacher" in log(out, 1)
+
+
+def test_a_stage_with_a_missing_teacher_fails_fast_with_the_message(slurm, tmp_path):
+    out = tmp_path / "run"
+    jobs = submit(slurm, out, "--first-stage", "2", *sets())
+    assert wait_done(slurm, jobs) == ["FAILED"]
+    assert f"stage 2 needs stage 1's export as its teacher: no meta.json in {out / 'stage1'}" in log(out, 2)
+    assert not (out / "checkpoints").exists()
+
+
+def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(slurm, tmp_path):
+    longer = ("stages.epochs=[3]", "data.synthetic_images=1024", "checkpoint.every_steps=2")
+    (straight,) = submit(slurm, tmp_path / "straight", *sets(*longer))  # same launcher, same threads
+    out = tmp_path / "run"
+    (job,) = submit(slurm, out, *sets(*longer))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        found = checkpoint.latest(out / "checkpoints")
+        if found and checkpoint.read_state(found)["global_step"] >= 6:
+            break
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    assert wait_done(slurm, [job, straight]) == ["COMPLETED", "COMPLETED"], log(out)[-3000:]
+    text = log(out)
+    assert "preempted: checkpoint saved at stage 1" in text and "requeueing job" in text
+    assert "(restart 1)" in text  # SLURM_RESTART_COUNT=1 on the rerun
+    assert read_meta(out / "stage1")["sha256"] == read_meta(tmp_path / "straight" / "stage1")["sha256"]
+
+
+def test_a_two_node_job_runs_one_rank_per_node_with_real_deepspeed_steps(slurm, tmp_path):
+    out = tmp_path / "run"
+    (job,) = submit(slurm, out, "--nodes", "2", *sets("stages.epochs=[1]"))
+    assert wait_done(slurm, [job]) == ["COMPLETED"], log(out)[-3000:]
+    state = checkpoint.read_state(checkpoint.latest(out / "checkpoints"))
+    assert state["world_size"] == 2 and state["step"] == 4
+    assert "on n[1-2]" in log(out)
