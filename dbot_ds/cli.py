@@ -44,10 +44,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_recipes(args) -> None:
-    from dbot_ds.recipes import RECIPES
+    from dbot_ds.recipes import PAPER_ROWS, RECIPES
 
     for name, body in RECIPES.items():
-        print(f"{name:12s} {json.dumps(body)}")
+        print(f"{name:24s} {PAPER_ROWS.get(name, ''):34s} {json.dumps(body)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,6 +181,8 @@ class RunConfig:
         except ValueError as e:
             problems.append(str(e))
         check(self.loss.kind in LOSSES, f"loss.kind {self.loss.kind!r} is not one of {LOSSES}")
+        check(self.teacher.init != "", "this recipe needs a teacher: --set teacher.init=PATH "
+              "(a dbot-ds export directory, or timm / DINO / MAE / CLIP weights)")
         check(self.teacher.update in TEACHER_UPDATES,
               f"teacher.update {self.teacher.update!r} is not one of {TEACHER_UPDATES}")
         check(len(self.stages.epochs) >= 1 and all(e >= 1 for e in self.stages.epochs),

@@ -1,10 +1,33 @@
-"""Named runs. Each recipe is a partial config over RunConfig's defaults (the paper's Table A1)."""
+"""Named runs: every recipe of the paper. Each is a partial config over RunConfig's defaults
+(the paper's Table A1 default column); `base` names a recipe it extends.
+
+DeepSpeed configs (ds_configs/) are chosen for nodes of 8 GPUs with 80-141 GB: at 224 px memory
+is not the constraint (ViT-H student + AdamW states ~10 GiB; activations 43/69/124 MB per image
+for B/L/H with the asymmetric decoder, about 4x that without it), so every recipe uses bf16 with
+ZeRO-1 (optimizer states sharded, no extra communication in the step); ZeRO-3 costs speed and
+is only for bigger models or micro-batches. Micro-batches keep activations near 10-30 GB per GPU.
+"""
 
 from __future__ import annotations
 
 import copy
 
 from dbot_ds.config import ConfigError, deep_merge
+
+NEEDS_TEACHER = ""  # teacher.init left empty: the run must be given --set teacher.init=PATH
+
+_B = {"model": {"size": "vit_base"}, "deepspeed": "vit_base", "batch": {"micro_batch": 256}}
+_L = {"model": {"size": "vit_large"}, "deepspeed": "vit_large", "batch": {"micro_batch": 128},
+      "teacher": {"random_depth": 0}}  # authors' stage-1 teacher for L/H: patch + position only
+_H = {"model": {"size": "vit_huge"}, "deepspeed": "vit_huge", "batch": {"micro_batch": 128},
+      "teacher": {"random_depth": 0}}
+# Recipe ⌘ (data-richer teachers such as CLIP; Table A1 right column).
+_CLIP = {"model": {"decoder": False, "drop_path": 0.1}, "loss": {"kind": "cosine"},
+         "teacher": {"final_norm": True, "init": NEEDS_TEACHER}, "mask": {"ratio": 0.4},
+         "optim": {"betas": [0.9, 0.98], "lr": 3e-3, "warmup_epochs": 10},
+         "data": {"crop_scale": [0.4, 1.0]}, "stages": {"epochs": [1600]}}
+_PRETRAINED = {"teacher": {"init": NEEDS_TEACHER, "random_depth": None}}
+_BIGGER = {"teacher": {"init": NEEDS_TEACHER, "random_depth": None}, "stages": {"epochs": [800]}}
 
 RECIPES: dict[str, dict] = {
     # A tiny 2-stage run on CPU with images it generates itself (the README's first command).
@@ -18,16 +41,66 @@ RECIPES: dict[str, dict] = {
         "stages": {"epochs": [4, 4]},
         "log_every": 8,
     },
-    # The same, reading WebDataset shards that the generated images are converted to first.
     "demo_shards": {"base": "demo", "data": {"source": "generated_shards", "num_workers": 1}},
-    # The paper's defaults: 2 stages x 800 epochs, batch 4096 (3 stages for dense tasks:
-    # --set stages.epochs=[800,800,800]). ViT-L/H use a depth-0 random stage-1 teacher.
-    "vit_base": {"model": {"size": "vit_base"}, "deepspeed": "vit_base",
-                 "batch": {"micro_batch": 256}},
-    "vit_large": {"model": {"size": "vit_large"}, "deepspeed": "vit_large",
-                  "batch": {"micro_batch": 128}, "teacher": {"random_depth": 0}},
-    "vit_huge": {"model": {"size": "vit_huge"}, "deepspeed": "vit_huge",
-                 "batch": {"micro_batch": 128}, "teacher": {"random_depth": 0}},
+    # Defaults: 2 stages x 800 epochs for classification, 3 for detection / segmentation.
+    "vit_base": _B, "vit_large": _L, "vit_huge": _H,
+    "vit_base_dense": {"base": "vit_base", "stages": {"epochs": [800, 800, 800]}},
+    "vit_large_dense": {"base": "vit_large", "stages": {"epochs": [800, 800, 800]}},
+    "vit_huge_dense": {"base": "vit_huge", "stages": {"epochs": [800, 800, 800]}},
+    # Table 1: a pretrained stage-0 teacher (DeiT, DINO, MAE, CLIP weights), then bootstrapping.
+    "vit_base_from_deit": {"base": "vit_base", **_PRETRAINED},
+    "vit_base_from_dino": {"base": "vit_base", **_PRETRAINED},
+    "vit_base_from_mae": {"base": "vit_base", **_PRETRAINED},
+    "vit_base_from_clip": {"base": "vit_base", **_PRETRAINED},
+    # Table 7: one stage from a bigger, 2-stage-distilled teacher (a dbot-ds export).
+    "vit_base_teacher_large": {"base": "vit_base", **_BIGGER},
+    "vit_base_teacher_huge": {"base": "vit_base", **_BIGGER},
+    "vit_large_teacher_huge": {"base": "vit_large", **_BIGGER},
+    # Tables 8/9: CLIP teachers with recipe ⌘.
+    "clip_vit_base": {"base": "vit_base", **_CLIP},
+    "clip_vit_large": deep_merge({"base": "vit_large", **_CLIP},
+                                 {"teacher": {"random_depth": None}, "batch": {"micro_batch": 128}}),
+    "clip_vit_huge": deep_merge({"base": "vit_huge", **_CLIP},
+                                {"teacher": {"random_depth": None}, "batch": {"micro_batch": 64}}),
+    # Table 6 ablations (ViT-B, random teacher). 6a: 1600 epochs split into 1, 2 or 3 stages.
+    "abl_split_1600": {"base": "vit_base", "stages": {"epochs": [1600]}},
+    "abl_split_800_800": {"base": "vit_base"},
+    "abl_split_533x3": {"base": "vit_base", "stages": {"epochs": [533, 533, 534]}},
+    # 6b: epochs per stage.
+    "abl_epochs_400_800": {"base": "vit_base", "stages": {"epochs": [400, 800]}},
+    "abl_epochs_800_400": {"base": "vit_base", "stages": {"epochs": [800, 400]}},
+    "abl_epochs_800_1200": {"base": "vit_base", "stages": {"epochs": [800, 1200]}},
+    # 6c: momentum teachers instead of breakpoints (one stage of 1600 epochs).
+    "abl_ema_09998": {"base": "vit_base", "stages": {"epochs": [1600]},
+                      "teacher": {"update": "ema", "momentum": 0.9998}},
+    "abl_ema_09999": {"base": "vit_base", "stages": {"epochs": [1600]},
+                      "teacher": {"update": "ema", "momentum": 0.9999}},
+    "abl_ema_cosine": {"base": "vit_base", "stages": {"epochs": [1600]},
+                       "teacher": {"update": "ema_cosine", "momentum": 0.996}},
+    # 6d: target with the teacher's LayerNorm; 6e: keep the student at breakpoints; 6f: mask ratio.
+    "abl_target_ln": {"base": "vit_base", "teacher": {"final_norm": True}},
+    "abl_keep_student": {"base": "vit_base", "teacher": {"reinit_student": False}},
+    "abl_mask_070": {"base": "vit_base", "mask": {"ratio": 0.7}},
+    "abl_mask_080": {"base": "vit_base", "mask": {"ratio": 0.8}},
+}
+
+# recipe -> (paper table and row), for `dbot-ds recipes` and the README.
+PAPER_ROWS = {
+    "vit_base": "Tab. 7 / headline: ViT-B 84.5", "vit_large": "Tab. 7: ViT-L 86.6",
+    "vit_huge": "Tab. 7: ViT-H 87.4", "vit_base_dense": "Tab. 7 det./seg. (3 stages), B",
+    "vit_large_dense": "Tab. 7 det./seg., L", "vit_huge_dense": "Tab. 7 det./seg., H",
+    "vit_base_from_deit": "Tab. 1: DeiT teacher", "vit_base_from_dino": "Tab. 1: DINO teacher",
+    "vit_base_from_mae": "Tab. 1: MAE teacher", "vit_base_from_clip": "Tab. 1 / B7: CLIP teacher",
+    "vit_base_teacher_large": "Tab. 7: B from L teacher", "vit_base_teacher_huge": "Tab. 7: B from H teacher",
+    "vit_large_teacher_huge": "Tab. 7: L from H teacher", "clip_vit_base": "Tab. 8/9: CLIP, B 85.7",
+    "clip_vit_large": "Tab. 8/9: CLIP, L 87.8", "clip_vit_huge": "Tab. 8/9: CLIP, H 88.5",
+    "abl_split_1600": "Tab. 6a: 1 stage x 1600", "abl_split_800_800": "Tab. 6a: 800-800 (default)",
+    "abl_split_533x3": "Tab. 6a: 533 x 3", "abl_epochs_400_800": "Tab. 6b: 400-800",
+    "abl_epochs_800_400": "Tab. 6b: 800-400", "abl_epochs_800_1200": "Tab. 6b: 800-1200",
+    "abl_ema_09998": "Tab. 6c: EMA 0.9998", "abl_ema_09999": "Tab. 6c: EMA 0.9999",
+    "abl_ema_cosine": "Tab. 6c: cosine(0.996, 1)", "abl_target_ln": "Tab. 6d: target LN on",
+    "abl_keep_student": "Tab. 6e: student re-init off", "abl_mask_070": "Tab. 6f: mask 0.7",
+    "abl_mask_080": "Tab. 6f: mask 0.8",
 }
 
 

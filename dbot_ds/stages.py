@@ -18,8 +18,10 @@ from dbot_ds.config import RunConfig
 from dbot_ds.export import ExportError, read_export, state_sha256
 from dbot_ds.seeding import derive_seed
 from dbot_ds.student import Student
+from dbot_ds.data.shards import file_sha256
 from dbot_ds.teacher import (Teacher, check_fits, encoder_from_export, random_encoder,
                              random_teacher_arch)
+from dbot_ds.teacher_import import import_teacher, resize_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,16 +50,29 @@ def _teacher(cfg: RunConfig, encoder, identity: str, dtype: torch.dtype, **kw) -
                    normalize=cfg.teacher.normalize_target, dtype=dtype, **kw)
 
 
-def initial_teacher_encoder(cfg: RunConfig):
-    """Stage 1's teacher encoder and its identity; a pretrained export is read and checked here."""
+def initial_teacher_encoder(cfg: RunConfig, verbose: bool = True):
+    """Stage 1's teacher encoder and its identity. A pretrained teacher (a dbot-ds export, or a
+    timm / DINO / MAE / CLIP weights file) is read, checked and put on the student's token grid."""
     student_arch = cfg.model.encoder_arch()
     if cfg.teacher.init == "random":
         encoder = random_encoder(random_teacher_arch(student_arch, cfg.teacher.random_depth),
                                  derive_seed(cfg.seed, "random-teacher"))
         return encoder, state_sha256(encoder.state_dict())
-    encoder, meta = encoder_from_export(cfg.teacher.init)
-    check_fits(encoder.arch, student_arch, cfg.teacher.init)
-    return encoder, meta["sha256"]
+    source = Path(cfg.teacher.init)
+    if source.is_dir() or not source.exists():
+        encoder, meta = encoder_from_export(source)
+        identity, fixed, report = meta["sha256"], True, {"layout": "dbot-ds export"}
+    else:
+        encoder, report = import_teacher(source)
+        identity, fixed = file_sha256(source), False
+    check_fits(encoder.arch, student_arch, str(source))
+    encoder, resized = resize_grid(encoder, student_arch.grid, fixed_sincos=fixed)
+    if verbose:
+        print(f"teacher {source}: {report['layout']}, {encoder.arch.width} wide, {encoder.arch.depth} deep, "
+              f"patch {encoder.arch.patch_size}; mapped {report.get('mapped', 'all')} tensors, "
+              f"converted {report.get('converted', 0)}, ignored {report.get('ignored', [])}"
+              + (f"; interpolated {resized}" if resized else ""), flush=True)
+    return encoder, identity
 
 
 def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.dtype,

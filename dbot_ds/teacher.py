@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dbot_ds.config import ConfigError
@@ -40,6 +41,9 @@ class Teacher(nn.Module):
         amp = (torch.autocast(imgs.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
+            size = self.encoder.arch.img_size
+            if imgs.shape[-1] != size:  # a teacher of another patch size sees the same image
+                imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
             feats = self.encoder(imgs.to(self.dtype), final_norm=self.final_norm)
         feats = feats.float()  # outside inference_mode: a functional op makes a normal tensor
         return normalize_tokens(feats) if self.normalize else feats.clone()
@@ -68,13 +72,17 @@ def encoder_from_export(path: str | Path) -> tuple[ViT, dict]:
 
 
 def check_fits(teacher_arch: ViTArch, student_arch: ViTArch, source: str) -> None:
-    """The teacher's token grid must match the student's (one target per student token)."""
-    if teacher_arch.grid != student_arch.grid:
+    """One target per student token: the teacher's input is resized to student grid x teacher
+    patch pixels (196 px for a /14 teacher of a 224 px /16 student). Beyond 2x either way the
+    teacher would see a different image scale than it was trained for: an error."""
+    needed = student_arch.grid * teacher_arch.patch_size
+    if not 0.5 <= needed / teacher_arch.img_size <= 2.0:
         raise ConfigError(
             f"teacher {source} has a {teacher_arch.grid}x{teacher_arch.grid} token grid "
-            f"(img {teacher_arch.img_size}, patch {teacher_arch.patch_size}) but the student has "
-            f"{student_arch.grid}x{student_arch.grid} (img {student_arch.img_size}, patch "
-            f"{student_arch.patch_size}); use a teacher with the same grid")
+            f"(img {teacher_arch.img_size}, patch {teacher_arch.patch_size}); matching the student's "
+            f"{student_arch.grid}x{student_arch.grid} grid (img {student_arch.img_size}, patch "
+            f"{student_arch.patch_size}) would need {needed} px teacher inputs, more than 2x off its "
+            f"{teacher_arch.img_size} px: use a teacher with a closer grid")
 
 
 def random_teacher_arch(student: ViTArch, depth: int | None) -> ViTArch:

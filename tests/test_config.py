@@ -7,10 +7,13 @@ from dbot_ds.ds_config import resolve_ds_config
 from dbot_ds.recipes import RECIPES
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
-def test_every_recipe_resolves(name):
-    cfg = load_config(name)
-    assert cfg.recipe == name
+def test_recipes_that_need_a_teacher_say_so():
+    with pytest.raises(ConfigError, match="needs a teacher: --set teacher.init=PATH"):
+        load_config("clip_vit_base")
+    cfg = load_config("clip_vit_base", None, ["teacher.init=/weights/clip.safetensors"])
+    assert (cfg.model.decoder, cfg.loss.kind, cfg.mask.ratio, cfg.teacher.final_norm) == (False, "cosine", 0.4, True)
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.peak_lr() == 3e-3 and cfg.optim.warmup_epochs == 10
+    assert cfg.data.crop_scale == (0.4, 1.0) and cfg.model.drop_path == 0.1 and cfg.stages.epochs == [1600]
 
 
 def test_paper_defaults():

@@ -89,11 +89,11 @@ def test_ema_teacher_moves_towards_the_student(process_group, tmp_path):
     eng.destroy()
 
 
-def test_a_pretrained_teacher_of_another_grid_is_refused_before_training(process_group, tmp_path):
-    pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "donor")
-    cfg = tiny_config(f"teacher.init={tmp_path / 'donor' / 'stage1'}", "model.patch_size=4")
+def test_a_teacher_whose_grid_cannot_match_is_refused_before_training(process_group, tmp_path):
+    pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "donor")  # patch 8 at 32 px: 4x4
+    cfg = tiny_config(f"teacher.init={tmp_path / 'donor' / 'stage1'}", "model.patch_size=2")  # 16x16
     from dbot_ds.config import ConfigError
-    with pytest.raises(ConfigError, match="4x4 token grid.*8x8"):
+    with pytest.raises(ConfigError, match="4x4 token grid.*16x16 grid.*128 px"):
         pretrain(cfg, tmp_path / "run")
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
 

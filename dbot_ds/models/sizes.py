@@ -15,6 +15,9 @@ class ViTArch:
     patch_size: int = 16
     img_size: int = 224
     mlp_ratio: float = 4.0
+    pre_norm: bool = False     # a LayerNorm before the blocks (CLIP)
+    patch_bias: bool = True    # CLIP's patch embedding has no bias
+    act: str = "gelu"          # "quick_gelu" for OpenAI CLIP weights
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -25,6 +28,8 @@ class ViTArch:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.depth < 0:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
+        if self.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"act must be gelu or quick_gelu, got {self.act!r}")
 
     @property
     def grid(self) -> int:

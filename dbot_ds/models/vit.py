@@ -6,7 +6,7 @@ import functools
 
 import torch
 from torch import nn
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, QuickGELU
 from timm.models.vision_transformer import Block
 
 from dbot_ds.models.pos_embed import sincos_2d
@@ -29,10 +29,12 @@ def init_mae_style(module: nn.Module) -> None:
 
 
 def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float,
-                       drop_path: float = 0.0) -> nn.Sequential:
+                       drop_path: float = 0.0, act: str = "gelu") -> nn.Sequential:
     rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm
+    act_layer = QuickGELU if act == "quick_gelu" else nn.GELU
     return nn.Sequential(*[
-        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=layer_norm)
+        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=layer_norm,
+              act_layer=act_layer)
         for rate in rates])
 
 
@@ -45,10 +47,12 @@ class ViT(nn.Module):
     def __init__(self, arch: ViTArch, drop_path: float = 0.0):
         super().__init__()
         self.arch = arch
-        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width)
+        self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width, bias=arch.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
         self.register_buffer("pos_embed", sincos_2d(arch.width, arch.grid))  # [1, 1+N, D], fixed
-        self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path)
+        self.norm_pre = layer_norm(arch.width) if arch.pre_norm else nn.Identity()
+        self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path,
+                                         arch.act)
         self.norm = layer_norm(arch.width)
         self.reset_parameters()
 
@@ -56,7 +60,8 @@ class ViT(nn.Module):
         init_mae_style(self)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer (MAE)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.patch_embed.proj.bias is not None:
+            nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.normal_(self.cls_token, std=0.02)
 
     def fixed_buffers(self) -> dict[str, torch.Tensor]:
@@ -75,7 +80,7 @@ class ViT(nn.Module):
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-        x = self.blocks(torch.cat([cls, x], dim=1))
+        x = self.blocks(self.norm_pre(torch.cat([cls, x], dim=1)))
         return self.norm(x) if final_norm else x
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,

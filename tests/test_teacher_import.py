@@ -1,0 +1,136 @@
+"""Pretrained teachers from the weight layouts people have on disk (built here with timm)."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from timm.layers import QuickGELU
+from timm.models.vision_transformer import VisionTransformer
+
+from dbot_ds.export import ExportError
+from dbot_ds.models import vit_arch
+from dbot_ds.teacher import Teacher
+from dbot_ds.teacher_import import import_teacher, resize_grid
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=0)
+
+
+def timm_vit(**kw):
+    torch.manual_seed(0)
+    return VisionTransformer(**{**TINY, **kw}).eval()
+
+
+def same_features(model, path):
+    ours, report = import_teacher(path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x), model.forward_features(x), atol=1e-5)
+    return report
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_state_dict_deit_style_with_a_head(tmp_path, suffix):
+    model = timm_vit(num_classes=10)
+    path = tmp_path / f"deit{suffix}"
+    sd = model.state_dict()
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    report = same_features(model, path)
+    assert report["layout"] == "timm" and report["ignored"] == ["head.bias", "head.weight"]
+
+
+def test_original_dino_checkpoint_teacher_backbone(tmp_path):
+    model = timm_vit()
+    ckpt = {"teacher": {**{f"backbone.{k}": v for k, v in model.state_dict().items()},
+                        "head.mlp.0.weight": torch.zeros(4, 192), "head.last_layer.weight_g": torch.ones(1, 1)},
+            "epoch": 100}
+    torch.save(ckpt, tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth")
+    report = same_features(model, tmp_path / "dino_vitbase16_pretrain_full_checkpoint.pth")
+    assert "head.mlp.0.weight" in report["ignored"]
+
+
+def test_original_mae_checkpoint_with_its_decoder(tmp_path):
+    model = timm_vit()
+    sd = {**model.state_dict(), "mask_token": torch.zeros(1, 1, 64),
+          "decoder_embed.weight": torch.zeros(64, 192), "decoder_pred.bias": torch.zeros(192)}
+    torch.save({"model": sd}, tmp_path / "mae_pretrain_vit_base_full.pth")
+    report = same_features(model, tmp_path / "mae_pretrain_vit_base_full.pth")
+    assert {"mask_token", "decoder_embed.weight", "decoder_pred.bias"} <= set(report["ignored"])
+
+
+def test_timm_clip_vit_with_pre_norm_and_no_patch_bias(tmp_path):
+    model = timm_vit(pre_norm=True)
+    assert model.patch_embed.proj.bias is None
+    save_file(model.state_dict(), str(tmp_path / "clip.safetensors"))
+    ours, _ = import_teacher(tmp_path / "clip.safetensors")
+    assert ours.arch.pre_norm and not ours.arch.patch_bias
+    same_features(model, tmp_path / "clip.safetensors")
+
+
+def openai_layout(model) -> dict:
+    """timm CLIP ViT -> OpenAI CLIP key names (the inverse of timm's converter), plus a text tower."""
+    out = {"visual.proj": torch.zeros(192, 32), "token_embedding.weight": torch.zeros(10, 32),
+           "ln_final.weight": torch.ones(32), "logit_scale": torch.ones(())}
+    rename = [("patch_embed.proj.weight", "visual.conv1.weight"), ("norm_pre.", "visual.ln_pre."),
+              ("norm.", "visual.ln_post."), (r"blocks\.(\d+)\.norm1\.", r"visual.transformer.resblocks.\1.ln_1."),
+              (r"blocks\.(\d+)\.norm2\.", r"visual.transformer.resblocks.\1.ln_2."),
+              (r"blocks\.(\d+)\.attn\.qkv\.weight", r"visual.transformer.resblocks.\1.attn.in_proj_weight"),
+              (r"blocks\.(\d+)\.attn\.qkv\.bias", r"visual.transformer.resblocks.\1.attn.in_proj_bias"),
+              (r"blocks\.(\d+)\.attn\.proj\.", r"visual.transformer.resblocks.\1.attn.out_proj."),
+              (r"blocks\.(\d+)\.mlp\.fc1\.", r"visual.transformer.resblocks.\1.mlp.c_fc."),
+              (r"blocks\.(\d+)\.mlp\.fc2\.", r"visual.transformer.resblocks.\1.mlp.c_proj.")]
+    for k, v in model.state_dict().items():
+        if k == "cls_token":
+            out["visual.class_embedding"] = v.reshape(-1)
+        elif k == "pos_embed":
+            out["visual.positional_embedding"] = v[0]
+        else:
+            for pat, rep in rename:
+                if re.match(pat, k):
+                    out[re.sub("^" + pat, rep, k)] = v
+                    break
+    return out
+
+
+def test_openai_clip_visual_tower(tmp_path):
+    model = timm_vit(pre_norm=True, act_layer=QuickGELU)
+    torch.save(openai_layout(model), tmp_path / "ViT-B-16.pt")
+    report = same_features(model, tmp_path / "ViT-B-16.pt")
+    assert report["layout"] == "openai_clip" and report["converted"] == len(model.state_dict())
+    assert "visual.proj" in report["ignored"] and "token_embedding.weight" in report["ignored"]
+
+
+def test_a_bigger_patch_teacher_is_put_on_the_student_grid():
+    """A /14 teacher for a 224 px /16 student gets 196 px inputs: 14x14 tokens each."""
+    teacher_arch = vit_arch("vit_huge")
+    student_arch = vit_arch("vit_base")
+    assert student_arch.grid * teacher_arch.patch_size == 196
+    small = dict(width=64, depth=1, heads=2)  # the arithmetic only; keep it cheap
+    import dataclasses
+    from dbot_ds.models import ViT
+    enc = ViT(dataclasses.replace(teacher_arch, **small))  # 16x16 grid at 224
+    resized, note = resize_grid(enc, student_arch.grid, fixed_sincos=False)
+    assert resized.arch.img_size == 196 and resized.arch.grid == 14 and "16x16 -> 14x14" in note
+    targets = Teacher(resized, "t").targets(torch.randn(1, 3, 224, 224))
+    assert targets.shape == (1, 1 + 196, 64)
+
+
+def test_missing_weights_are_named(tmp_path):
+    sd = timm_vit().state_dict()
+    del sd["blocks.1.mlp.fc2.weight"], sd["norm.weight"]
+    save_file(sd, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ExportError, match="lacks weights the teacher needs: blocks.1.mlp.fc2.weight, norm.weight"):
+        import_teacher(tmp_path / "broken.safetensors")
+
+
+def test_a_file_of_another_architecture_is_refused(tmp_path):
+    save_file({"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.weight": torch.zeros(10, 8)},
+              str(tmp_path / "resnet.safetensors"))
+    with pytest.raises(ExportError, match="unrecognised teacher layout"):
+        import_teacher(tmp_path / "resnet.safetensors")
+
+
+def test_a_pickle_with_code_is_not_loaded(tmp_path):
+    torch.save({"model": timm_vit().state_dict(), "args": torch.nn.Linear(2, 2)}, tmp_path / "evil.pth")
+    with pytest.raises(ExportError, match="not loadable as weights only"):
+        import_teacher(tmp_path / "evil.pth")
