@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dbot_ds.slurm import add_commands as add_slurm_commands
     add_slurm_commands(p.add_subparsers(dest="slurm_command", required=True))
 
+    from dbot_ds.bench import add_parser as add_bench_parser
+    add_bench_parser(sub)
+
     p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
     p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")
     p.add_argument("--repeats", type=int, default=3)

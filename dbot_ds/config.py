@@ -151,6 +151,9 @@ class RunConfig:
     seed: int = 0
     deepspeed: str = "vit_base"
     """A ds_configs/ name or a JSON path: ZeRO stage and bf16 live there, batch sizes do not."""
+    compile: str = ""
+    """torch.compile backend for student and teacher ("inductor"); "": eager. Falls back to
+    eager with a warning where the backend is unavailable."""
     log_every: int = 20
     stop_at_step: int = 0
     """Save a checkpoint and exit once this many optimizer steps (all stages) are done; 0: run to the end."""

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import nn
 
+from dbot_ds.accel import adamw, fuse_layernorms
 from dbot_ds.config import RunConfig
 from dbot_ds.distributed import World, export_rendezvous_env
 
@@ -55,8 +56,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_engine(student: nn.Module, cfg: RunConfig, ds_config: dict, device: torch.device):
     """A fresh engine and a fresh optimizer: nothing carries over from a previous stage."""
     student.to(device)
-    opt = torch.optim.AdamW(param_groups(student, cfg.optim.weight_decay), lr=cfg.peak_lr(),
-                            betas=cfg.optim.betas, fused=device.type == "cuda")
+    fuse_layernorms(student)
+    opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds_config)
     return engine
 

@@ -1,0 +1,261 @@
+"""`dbot-ds bench`: the full dBOT training step (teacher forward, student forward + backward,
+optimizer step) through the same code as training, on synthetic data already on the device.
+
+Prints images/s, achieved TFLOP/s from the analytic FLOP model (flops.py, equal to
+torch.utils.flop_counter's count), MFU against the device's dense bf16 peak, a per-phase
+breakdown (from a separate, synchronised pass), peak memory, and the DeepSpeed engine's step
+time against a plain PyTorch loop with the same modules and optimizer, interleaved in one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dbot_ds.config import RunConfig, load_config
+from dbot_ds.distributed import World
+from dbot_ds.ds_config import resolve_ds_config, uses_bf16
+from dbot_ds.flops import dbot_flops_per_image
+from dbot_ds.losses import masked_distill_loss
+from dbot_ds.masking import random_masking
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet peaks
+
+
+def device_peak(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+class Timer:
+    """Device events on GPUs, perf_counter on CPU; elapsed() synchronises once, at the end."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+
+    def elapsed(self) -> float:
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            return self.a.elapsed_time(self.b) / 1000
+        return time.perf_counter() - self.t
+
+
+def bench_config(size: str, micro: int, zero: int, compile_backend: str, img_size: int,
+                 bf16: bool, extra: list[str]) -> RunConfig:
+    return load_config(None, None, [f"model.size={size}", f"model.img_size={img_size}",
+                                    f"batch.micro_batch={micro}", f"batch.global_batch={micro}",
+                                    f"compile={compile_backend}", f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}",
+                                    *extra])
+
+
+def plain_step_fn(student, teacher, cfg: RunConfig, device, dtype):
+    """The same step without DeepSpeed: torch AdamW (fused on GPUs) on the same modules."""
+    from dbot_ds.accel import adamw
+    from dbot_ds.engine import param_groups
+
+    opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+
+    def step(imgs):
+        target = teacher.targets(imgs)
+        masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
+        with amp:
+            pred = student(imgs, masks)
+        loss = masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def phase_breakdown(eng, teacher, imgs, cfg, device, steps: int) -> dict:
+    """Seconds per step in each phase, with a synchronisation between phases (separate pass)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    phases = {"teacher_forward": [], "student_forward": [], "backward": [], "optimizer": []}
+    for _ in range(steps):
+        sync(); t0 = time.perf_counter()
+        target = teacher.targets(imgs)
+        sync(); t1 = time.perf_counter()
+        masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
+        loss = masked_distill_loss(eng(imgs, masks), target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
+        sync(); t2 = time.perf_counter()
+        eng.backward(loss)
+        sync(); t3 = time.perf_counter()
+        eng.step()
+        sync(); t4 = time.perf_counter()
+        for k, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+            phases[k].append(b - a)
+    return {k: statistics.median(v) for k, v in phases.items()}
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS high-water mark
+
+
+def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, peak: float | None,
+             compare_plain: bool, data_loader=None) -> dict:
+    from dbot_ds import engine as ds_engine
+    from dbot_ds.data import batch_to_device
+    from dbot_ds.stages import fresh_student
+    from dbot_ds.teacher import Teacher, random_encoder
+    from dbot_ds.train import compile_step, train_micro_step
+
+    ds = resolve_ds_config(cfg, 1)
+    dtype = torch.bfloat16 if uses_bf16(ds) else torch.float32
+    arch = cfg.model.encoder_arch()
+    teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
+    eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
+    compile_step(cfg, teacher, eng, device, dtype)
+    imgs_u8 = torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
+                            dtype=torch.uint8, device=device)
+    timer = Timer(device)
+
+    def timed(step_fn, n):
+        for _ in range(warmup):
+            step_fn()
+        timer.start()
+        for _ in range(n):
+            step_fn()
+        return timer.elapsed() / n
+
+    ds_step = lambda: train_micro_step(eng, teacher, imgs_u8, cfg, device, dtype)
+    if compare_plain:
+        plain_student = fresh_student(cfg, 1, arch.width).to(device)
+        plain = plain_step_fn(plain_student, teacher, cfg, device, dtype)
+        plain_imgs = batch_to_device(imgs_u8, device, dtype, arch.img_size)
+        plain_step = lambda: plain(batch_to_device(imgs_u8, device, dtype, arch.img_size))
+    ds_times, plain_times = [], []
+    for _ in range(repeats):  # interleaved A B A B
+        ds_times.append(timed(ds_step, steps))
+        if compare_plain:
+            plain_times.append(timed(plain_step, steps))
+    step_s = statistics.median(ds_times)
+    flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio)
+    ips = cfg.batch.micro_batch / step_s
+    result = {
+        "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
+        "zero_stage": ds["zero_optimization"]["stage"], "bf16": dtype == torch.bfloat16,
+        "compile": cfg.compile or "off", "step_s": step_s, "images_per_s": ips,
+        "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
+        "mfu": ips * flops.total / 1e12 / peak if peak else None,
+        "breakdown_s": phase_breakdown(eng, teacher, batch_to_device(imgs_u8, device, dtype, arch.img_size),
+                                       cfg, device, max(2, steps // 2)),
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+    if compare_plain:
+        result["plain_step_s"] = statistics.median(plain_times)
+        result["deepspeed_over_plain"] = step_s / result["plain_step_s"]
+    if data_loader is not None:
+        result["end_to_end"] = end_to_end(eng, teacher, cfg, device, dtype, data_loader, steps, warmup, ips)
+    eng.destroy()
+    return result
+
+
+def end_to_end(eng, teacher, cfg, device, dtype, loader, steps, warmup, synthetic_ips) -> dict:
+    from dbot_ds.train import train_micro_step
+
+    it = iter(loader)
+    for _ in range(warmup):
+        train_micro_step(eng, teacher, next(it), cfg, device, dtype)
+    timer = Timer(device)
+    timer.start()
+    wait = 0.0
+    for _ in range(steps):
+        t = time.perf_counter()
+        batch = next(it)
+        wait += time.perf_counter() - t
+        train_micro_step(eng, teacher, batch, cfg, device, dtype)
+    elapsed = timer.elapsed()
+    ips = steps * cfg.batch.micro_batch / elapsed
+    return {"images_per_s": ips, "of_synthetic": ips / synthetic_ips, "data_wait_s_per_step": wait / steps}
+
+
+def main(args) -> int:
+    from dbot_ds import engine as ds_engine
+
+    device = ds_engine.init_distributed(World(0, 0, 1))
+    peak = device_peak(device, args.peak_tflops)
+    bf16 = device.type == "cuda" and not args.fp32
+    results = []
+    for size, micro, zero, comp in itertools.product(args.sizes.split(","), [int(m) for m in args.micro.split(",")],
+                                                     [int(z) for z in args.zero.split(",")], args.compile.split(",")):
+        cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, args.img_size, bf16, args.set)
+        loader = None
+        if args.data == "shards":
+            from dbot_ds.data import build_data
+            shard_cfg = load_config(None, None, [f"model.size={size}", f"model.img_size={args.img_size}",
+                                                 f"batch.micro_batch={micro}", f"batch.global_batch={micro}",
+                                                 "data.source=shards", f"data.shards={args.shards}",
+                                                 f"data.num_workers={args.workers}", f"data.decode={args.decode}",
+                                                 "deepspeed=cpu_demo", *args.set])
+            loader, position = build_data(shard_cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
+            position.set_position(0, 0)
+        r = run_case(cfg, device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak=peak,
+                     compare_plain=not args.no_plain, data_loader=loader)
+        results.append(r)
+        print(format_row(r), flush=True)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "peak_tflops": peak, "results": results,
+              "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def format_row(r: dict) -> str:
+    mfu = f"{100 * r['mfu']:.1f}% MFU" if r["mfu"] is not None else "MFU n/a (no peak for this device)"
+    parts = [f"{r['size']} img{r['img_size']} micro {r['micro_batch']} zero{r['zero_stage']} "
+             f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']}: {r['images_per_s']:.1f} img/s, "
+             f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB"]
+    parts.append("  breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
+    if "deepspeed_over_plain" in r:
+        parts.append(f"  DeepSpeed step / plain PyTorch step: {r['deepspeed_over_plain']:.3f}")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        parts.append(f"  end-to-end with shards: {e['images_per_s']:.1f} img/s = {e['of_synthetic']:.2f} x synthetic, "
+                     f"data wait {e['data_wait_s_per_step']:.4f} s/step")
+    return "\n".join(parts)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training-step throughput, TFLOP/s and MFU (sweeps)")
+    p.add_argument("--sizes", default="vit_base", help="comma-separated model sizes")
+    p.add_argument("--micro", default="64", help="comma-separated micro-batches")
+    p.add_argument("--zero", default="1", help="comma-separated ZeRO stages")
+    p.add_argument("--compile", default="off", help="comma-separated: off, inductor, ...")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--peak-tflops", type=float, help="MFU denominator (default: H100/H200 989, A100 312)")
+    p.add_argument("--fp32", action="store_true", help="no bf16 on GPUs")
+    p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch comparison")
+    p.add_argument("--data", choices=["synthetic", "shards"], default="synthetic")
+    p.add_argument("--shards", help="manifest.json for --data shards")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--decode", choices=["cpu", "device"], default="cpu")
+    p.add_argument("--set", action="append", default=[], help="extra run-config overrides")
+    p.add_argument("--json", help="write all results here")
+    p.set_defaults(func=main)

@@ -1,0 +1,62 @@
+"""`dbot-ds bench` on CPU at tiny size; the compile switch and its fallback."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from dbot_ds.accel import try_compile
+from dbot_ds.cli import main
+from dbot_ds.models import ViT, vit_arch
+
+TINY_DECODER = ["--set", "model.decoder_width=32", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
+
+
+def test_bench_reports_rates_flops_breakdown_and_the_plain_pytorch_ratio(tmp_path, process_group, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--zero", "1,2",
+                 "--steps", "2", "--warmup", "1", "--repeats", "1", "--peak-tflops", "1.0",
+                 "--json", str(out), *TINY_DECODER]) == 0
+    text = capsys.readouterr().out
+    assert "img/s" in text and "DeepSpeed step / plain PyTorch step" in text
+    report = json.loads(out.read_text())
+    assert [r["zero_stage"] for r in report["results"]] == [1, 2]
+    r = report["results"][0]
+    assert r["images_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 1.0)
+    assert set(r["breakdown_s"]) == {"teacher_forward", "student_forward", "backward", "optimizer"}
+    assert r["deepspeed_over_plain"] > 0
+
+
+def test_bench_end_to_end_with_real_shards(tmp_path, process_group, capsys):
+    from test_shard_loader import write_shards
+    manifest = write_shards(tmp_path / "shards", [20, 20])
+    assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "2",
+                 "--warmup", "1", "--repeats", "1", "--no-plain", "--data", "shards", "--shards", str(manifest),
+                 "--workers", "0", "--json", str(tmp_path / "b.json"), *TINY_DECODER]) == 0
+    e2e = json.loads((tmp_path / "b.json").read_text())["results"][0]["end_to_end"]
+    assert e2e["images_per_s"] > 0 and e2e["of_synthetic"] > 0
+
+
+def test_compile_switch_compiles_or_falls_back_to_eager():
+    enc = ViT(vit_arch("tiny_test", img_size=32))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        eager = enc(x)
+    assert try_compile(enc, "eager", x)  # a backend that needs no compiler
+    with torch.no_grad():
+        assert torch.allclose(enc(x), eager)
+    other = ViT(vit_arch("tiny_test", img_size=32))
+    with pytest.warns(UserWarning, match="unavailable here, running eagerly"):
+        assert not try_compile(other, "no_such_backend", x)
+    with torch.no_grad():
+        other(x)  # still runs, eagerly
+
+
+def test_training_runs_with_the_compile_switch_on(process_group, tmp_path):
+    from dbot_ds.train import pretrain
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback expected for "eager"
+        pretrain(tiny_config("compile=eager", "stages.epochs=[1]"), tmp_path)
+    assert (tmp_path / "stage1" / "meta.json").is_file()
