@@ -152,12 +152,13 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         if compare_plain:
             plain_times.append(timed(plain_step, steps))
     step_s = statistics.median(ds_times)
-    flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio)
+    flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
     ips = cfg.batch.micro_batch / step_s
     result = {
         "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
         "zero_stage": ds["zero_optimization"]["stage"], "bf16": dtype == torch.bfloat16,
-        "compile": cfg.compile or "off", "step_s": step_s, "images_per_s": ips,
+        "compile": cfg.compile or "off", "masks_per_image": cfg.mask.per_image, "step_s": step_s,
+        "images_per_s": ips,
         "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
         "breakdown_s": phase_breakdown(eng, teacher, batch_to_device(imgs_u8, device, dtype, arch.img_size),

@@ -53,6 +53,9 @@ class ModelConfig:
 @dataclasses.dataclass(kw_only=True)
 class MaskConfig:
     ratio: float = 0.75
+    per_image: int = 1
+    """Masks per image sharing one teacher forward (data2vec 2.0's trick; the paper uses 1). The
+    student sees micro_batch x per_image samples; batch sizes and lr still count images."""
 
 
 TEACHER_UPDATES = ("breakpoint", "ema", "ema_cosine")
@@ -183,6 +186,7 @@ class RunConfig:
             num_visible(arch.num_patches, self.mask.ratio)
         except ValueError as e:
             problems.append(str(e))
+        check(self.mask.per_image >= 1, "mask.per_image must be >= 1")
         check(self.loss.kind in LOSSES, f"loss.kind {self.loss.kind!r} is not one of {LOSSES}")
         check(self.teacher.init != "", "this recipe needs a teacher: --set teacher.init=PATH "
               "(a dbot-ds export directory, or timm / DINO / MAE / CLIP weights)")

@@ -42,7 +42,11 @@ class StepFlops:
 
 
 def dbot_flops_per_image(student: ViTArch, decoder: DecoderArch | None, teacher: ViTArch,
-                         mask_ratio: float) -> StepFlops:
+                         mask_ratio: float, masks_per_image: int = 1) -> StepFlops:
+    """Per source image; with K masks per image the student's share is counted K times."""
+    if masks_per_image > 1:
+        one = dbot_flops_per_image(student, decoder, teacher, mask_ratio)
+        return StepFlops(one.teacher_forward, masks_per_image * one.student_encoder, masks_per_image * one.decoder)
     full = student.num_patches + 1
     teacher_fwd = encoder_forward(teacher, teacher.num_patches + 1)
     if decoder is None:  # the encoder sees every position, the head reads all of them

@@ -70,6 +70,9 @@ def train_micro_step(eng, teacher: Teacher, batch, cfg: RunConfig,
     Returns the loss as a device tensor: no host synchronisation here."""
     imgs = batch_to_device(batch, device, dtype, cfg.model.img_size)  # [B, 3, H, W]
     target = teacher.targets(imgs)                                 # [B, 1+N, Dt]
+    if cfg.mask.per_image > 1:  # one teacher forward, K masked views of each image
+        imgs = imgs.repeat_interleave(cfg.mask.per_image, dim=0)  # [B*K, 3, H, W]
+        target = target.repeat_interleave(cfg.mask.per_image, dim=0)
     masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
     pred = eng(imgs, masks)                                        # [B, 1+N, Dt]
     loss = masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)

@@ -42,3 +42,10 @@ def test_variant_without_decoder_matches_the_analytic_count():
 def test_larger_models_match_the_guide(size, total):
     arch = vit_arch(size)
     assert dbot_flops_per_image(arch, DecoderArch(), arch, 0.75).total == pytest.approx(total, rel=0.01)
+
+
+def test_shared_teacher_forward_counts_the_teacher_once():
+    arch = vit_arch("vit_base")
+    one = dbot_flops_per_image(arch, DecoderArch(), arch, 0.75)
+    two = dbot_flops_per_image(arch, DecoderArch(), arch, 0.75, masks_per_image=2)
+    assert two.total == pytest.approx(2 * one.total - one.teacher_forward)

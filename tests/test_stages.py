@@ -133,3 +133,16 @@ def test_recipe_variants_train_across_a_breakpoint(process_group, tmp_path, sets
     state, meta = read_export(exports[-1])
     assert meta["decoder"] is (None if "model.decoder=false" in sets else meta["decoder"])
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_several_masks_share_one_teacher_forward(process_group, tmp_path):
+    run = setup(tiny_config("mask.per_image=3", "stages.epochs=[1]"), tmp_path)
+    teacher, eng = start_stage(run, 1)
+    calls, seen = [], []
+    teacher.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    eng.module.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    from dbot_ds.train import train_micro_step
+    batch = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    loss = train_micro_step(eng, teacher, batch, run.cfg, run.device, run.dtype)
+    assert calls == [8] and seen == [24] and torch.isfinite(loss)
+    eng.destroy()
