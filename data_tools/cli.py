@@ -71,6 +71,14 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_digits(args) -> int:
+    from data_tools.digits import write_digits
+
+    train, val = write_digits(args.out, args.size)
+    print(f"train: {train}\nval: {val}")
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("convert", help="images -> WebDataset shards + manifest.json (resumable)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -96,6 +104,11 @@ def add_commands(sub) -> None:
     p.add_argument("manifest")
     p.add_argument("-n", type=int, default=5)
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("digits", help="scikit-learn's digits as labelled train/val shards (no download)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=40, help="side of the upscaled images")
+    p.set_defaults(func=cmd_digits)
 
     p = sub.add_parser("index", help="a manifest for existing shards (e.g. timm/imagenet-1k-wds)")
     p.add_argument("shards", nargs="+", help="shard paths or glob patterns")

@@ -37,7 +37,8 @@ def cmd_export(args) -> None:
     from dbot_ds.export_cmd import export_checkpoint, export_timm
 
     if args.format == "timm":
-        path = export_timm(args.source, args.out)
+        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+        path = export_timm(args.source, args.out, metrics if isinstance(metrics, dict) else {"results": metrics})
     else:
         path = export_checkpoint(args.source, args.out)
     print(f"wrote {path}")
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint dir (<run>/checkpoints/<tag>) or a stage export dir")
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["dbot", "timm"], default="dbot")
+    p.add_argument("--metrics", help="a JSON of results (e.g. from dbot-ds probe) for the model card")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("shards", help="WebDataset shards: convert, verify, inspect, index")
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dbot_ds.bench import add_parser as add_bench_parser
     add_bench_parser(sub)
+    from dbot_ds.probe import add_parser as add_probe_parser
+    add_probe_parser(sub)
 
     p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
     p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")

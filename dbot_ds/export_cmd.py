@@ -37,13 +37,37 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 
 def timm_kwargs(encoder: dict) -> dict:
     """Arguments of timm's VisionTransformer that rebuild the encoder (features only)."""
-    return {"img_size": encoder["img_size"], "patch_size": encoder["patch_size"],
-            "embed_dim": encoder["width"], "depth": encoder["depth"], "num_heads": encoder["heads"],
-            "mlp_ratio": encoder["mlp_ratio"], "num_classes": 0}
+    kwargs = {"img_size": encoder["img_size"], "patch_size": encoder["patch_size"],
+              "embed_dim": encoder["width"], "depth": encoder["depth"], "num_heads": encoder["heads"],
+              "mlp_ratio": encoder["mlp_ratio"], "num_classes": 0}
+    if encoder.get("pre_norm"):
+        kwargs["pre_norm"] = True
+    return kwargs
 
 
-def export_timm(source: str | Path, out: str | Path) -> Path:
-    """Encoder weights with timm's key names: `VisionTransformer(**kwargs).load_state_dict(...)`."""
+def model_card(meta: dict, kwargs: dict, metrics: dict | None) -> str:
+    cfg = meta.get("config", {})
+    data = cfg.get("data", {})
+    lines = [f"# dBOT ViT encoder (recipe `{meta['recipe']}`, stage {meta['stage']})", "",
+             "Pre-trained with dbot-ds: masked knowledge distillation with bootstrapped teachers.", "",
+             f"- architecture: ViT, width {kwargs['embed_dim']}, depth {kwargs['depth']}, heads "
+             f"{kwargs['num_heads']}, patch {kwargs['patch_size']}, {kwargs['img_size']} px",
+             f"- training: stage {meta['stage']}, {meta.get('epochs', '?')} epochs ({meta.get('steps')} steps), "
+             f"global batch {cfg.get('batch', {}).get('global_batch')}, mask ratio {cfg.get('mask', {}).get('ratio')}",
+             f"- data: {data.get('source')} {data.get('shards', '')}".rstrip(),
+             f"- teacher sha256: {meta.get('teacher_sha256')}", f"- weights sha256 (dbot-ds export): {meta['sha256']}",
+             "", "```python", "import timm",
+             f"model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,",
+             f"    pretrained_cfg_overlay=dict(file='model.safetensors'),",
+             f"    **{ {k: v for k, v in kwargs.items() if k != 'num_classes'} })", "```"]
+    if metrics:
+        lines += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]
+    return "\n".join(lines) + "\n"
+
+
+def export_timm(source: str | Path, out: str | Path, metrics: dict | None = None) -> Path:
+    """Encoder weights with timm's key names, a config and a model card: loadable with
+    timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...), **kwargs)."""
     source = Path(source)
     if not (source / META).is_file():  # a resume checkpoint: consolidate it first
         source = export_checkpoint(source, Path(out) / "dbot_export")
@@ -52,7 +76,9 @@ def export_timm(source: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state(state), str(out / "model.safetensors"),
               metadata={"format": "pt", "source_sha256": meta["sha256"]})
+    kwargs = timm_kwargs(meta["encoder"])
     (out / "timm_config.json").write_text(json.dumps(
-        {"architecture": "vit", "kwargs": timm_kwargs(meta["encoder"]), "stage": meta["stage"],
+        {"architecture": "vit", "kwargs": kwargs, "stage": meta["stage"],
          "recipe": meta["recipe"], "source_sha256": meta["sha256"]}, indent=2) + "\n")
+    (out / "README.md").write_text(model_card(meta, kwargs, metrics))
     return out / "model.safetensors"

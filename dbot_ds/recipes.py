@@ -42,6 +42,10 @@ RECIPES: dict[str, dict] = {
         "log_every": 8,
     },
     "demo_shards": {"base": "demo", "data": {"source": "generated_shards", "num_workers": 1}},
+    # The README's small real experiment: scikit-learn's digits (`dbot-ds shards digits`).
+    "digits": {"base": "demo", "data": {"source": "shards", "shards": "runs/digits_data/train/manifest.json",
+                                        "num_workers": 1}, "batch": {"global_batch": 64, "micro_batch": 64},
+               "stages": {"epochs": [40, 40]}, "optim": {"warmup_epochs": 4}, "log_every": 20},
     # Defaults: 2 stages x 800 epochs for classification, 3 for detection / segmentation.
     "vit_base": _B, "vit_large": _L, "vit_huge": _H,
     "vit_base_dense": {"base": "vit_base", "stages": {"epochs": [800, 800, 800]}},

@@ -80,3 +80,16 @@ def test_a_missing_or_damaged_teacher_export_fails_before_training(run_dir, tmp_
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not any((out / "checkpoints").iterdir())
+
+
+def test_timm_export_loads_through_create_model_with_a_file_overlay(run_dir, tmp_path):
+    main(["export", str(run_dir / "stage2"), "--out", str(tmp_path), "--format", "timm"])
+    kwargs = json.loads((tmp_path / "timm_config.json").read_text())["kwargs"]
+    model = timm.create_model("vit_base_patch16_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")), **kwargs).eval()
+    ours, _ = encoder_from_export(run_dir / "stage2")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
+    card = (tmp_path / "README.md").read_text()
+    assert "stage 2" in card and "pretrained_cfg_overlay" in card
