@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     # No upper pins: the same install must work on a GPU cluster with its own CUDA torch.
     install_requires=["torch>=2.4", "torchvision", "timm>=1.0", "deepspeed>=0.15", "webdataset",
-                      "safetensors", "numpy", "tqdm", "tensorboard", "simplejpeg", "braceexpand"],
+                      "safetensors", "numpy", "tqdm", "tensorboard", "simplejpeg", "braceexpand", "matplotlib"],
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn"]},
     entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
 )

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     from dbot_ds.probe import add_parser as add_probe_parser
     add_probe_parser(sub)
+    from dbot_ds.analyze import add_parser as add_analyze_parser
+    add_analyze_parser(sub)
 
     p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
     p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")
