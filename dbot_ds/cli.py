@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_probe_parser(sub)
     from dbot_ds.analyze import add_parser as add_analyze_parser
     add_analyze_parser(sub)
+    from dbot_ds.finetune import add_parser as add_finetune_parser
+    add_finetune_parser(sub)
 
     p = sub.add_parser("bench-data", help="shard loader images/s vs raw Pillow decode (ratios)")
     p.add_argument("--images", type=int, default=600, help="generated full-size JPEGs")

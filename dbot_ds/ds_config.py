@@ -29,26 +29,30 @@ def load_ds_json(name_or_path: str) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
 
 
-def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
-    per_step = cfg.batch.micro_batch * world_size
-    if cfg.batch.global_batch % per_step:
-        fits = [m for m in range(1, cfg.batch.global_batch + 1)
-                if cfg.batch.global_batch % (m * world_size) == 0]
+def grad_accumulation(global_batch: int, micro_batch: int, world_size: int) -> int:
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        fits = [m for m in range(1, global_batch + 1) if global_batch % (m * world_size) == 0]
         raise ConfigError(
-            f"impossible batch arithmetic: global_batch {cfg.batch.global_batch} is not a multiple of "
-            f"micro_batch {cfg.batch.micro_batch} x world size {world_size} = {per_step}. "
+            f"impossible batch arithmetic: global_batch {global_batch} is not a multiple of "
+            f"micro_batch {micro_batch} x world size {world_size} = {per_step}. "
             f"Micro batches that fit this world size: {fits[-6:] or 'none'} "
             "(--set batch.micro_batch=N), or change batch.global_batch")
-    return cfg.batch.global_batch // per_step
+    return global_batch // per_step
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
-    ds = load_ds_json(cfg.deepspeed)
+    return fill_ds_config(cfg.deepspeed, global_batch=cfg.batch.global_batch, micro_batch=cfg.batch.micro_batch,
+                          grad_clip=cfg.optim.grad_clip, world_size=world_size)
+
+
+def fill_ds_config(name: str, *, global_batch: int, micro_batch: int, grad_clip: float, world_size: int) -> dict:
+    ds = load_ds_json(name)
     owned = {
-        "train_batch_size": cfg.batch.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
-        "gradient_accumulation_steps": grad_accumulation(cfg, world_size),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accumulation(global_batch, micro_batch, world_size),
+        "gradient_clipping": grad_clip,
     }
     conflicts = [f"{k}: DeepSpeed JSON says {ds[k]!r}, run config gives {v!r}"
                  for k, v in owned.items() if k in ds and ds[k] != "auto" and ds[k] != v]
@@ -62,7 +66,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict:
         conflicts.append("bf16 with ZeRO stage 0 keeps no exportable fp32 master weights in "
                          "DeepSpeed; use zero_optimization.stage 1 (same speed, sharded optimizer)")
     if conflicts:
-        raise ConfigError(f"DeepSpeed config {cfg.deepspeed!r} contradicts the run config:\n  - "
+        raise ConfigError(f"DeepSpeed config {name!r} contradicts the run config:\n  - "
                           + "\n  - ".join(conflicts))
     return {**ds, **owned}
 

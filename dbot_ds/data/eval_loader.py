@@ -26,8 +26,10 @@ def center_crop(data: bytes, size: int, crop_ratio: float = 0.875) -> torch.Tens
 
 
 class LabelledShards(IterableDataset):
-    def __init__(self, manifest_path: str, size: int):
-        self.manifest, self.size = read_manifest(manifest_path), size
+    """Shard i goes to (rank, worker) slot i mod (world x workers): every sample once overall."""
+
+    def __init__(self, manifest_path: str, size: int, rank: int = 0, world: int = 1):
+        self.manifest, self.size, self.rank, self.world = read_manifest(manifest_path), size, rank, world
 
     def __len__(self) -> int:
         return self.manifest.total
@@ -35,11 +37,13 @@ class LabelledShards(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
         for i, url in enumerate(self.manifest.urls()):
-            if i % workers == worker:
+            if i % slots == slot:
                 for s in iter_shard_samples(url):
                     yield center_crop(s[IMAGE_KEY], self.size), int(s[LABEL_KEY])
 
 
-def labelled_loader(manifest_path: str, size: int, batch: int = 256, workers: int = 4) -> DataLoader:
-    return DataLoader(LabelledShards(manifest_path, size), batch_size=batch, num_workers=workers)
+def labelled_loader(manifest_path: str, size: int, batch: int = 256, workers: int = 4,
+                    rank: int = 0, world: int = 1) -> DataLoader:
+    return DataLoader(LabelledShards(manifest_path, size, rank, world), batch_size=batch, num_workers=workers)

@@ -61,7 +61,8 @@ class ShardStream(IterableDataset):
     def __init__(self, *, manifest: Manifest | None = None, urls: list[str] | None = None,
                  epoch_samples: int | None = None, rank: int, world: int, micro: int, accum: int,
                  seed: int, crop: int, scale: tuple[float, float], hflip: bool,
-                 shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu"):
+                 shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu",
+                 sample_fn=None):
         if manifest is None and not epoch_samples:
             raise ShardError("shards without a manifest stream in resampled mode and need "
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
@@ -71,6 +72,7 @@ class ShardStream(IterableDataset):
         self.crop, self.scale, self.hflip = crop, scale, hflip
         self.shuffle_buffer, self.max_bad_fraction = shuffle_buffer, max_bad_fraction
         self.decode = decode  # "cpu": uint8 crops; "device": JPEG bytes + crop boxes (device_decode)
+        self.sample_fn = sample_fn  # (raw sample dict, rng) -> item; replaces the crop (fine-tuning)
         total = manifest.total if self.exact else epoch_samples
         self.steps_per_epoch = total // (micro * accum * world)
         if self.steps_per_epoch == 0:
@@ -158,7 +160,7 @@ class ShardStream(IterableDataset):
                 continue
             rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
             try:
-                last = self.prepare(sample[IMAGE_KEY], rng)
+                last = self.sample_fn(sample, rng) if self.sample_fn else self.prepare(sample[IMAGE_KEY], rng)
             except Exception as e:
                 bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: "
                         f"{'no ' + IMAGE_KEY if IMAGE_KEY not in sample else type(e).__name__ + ': ' + str(e)}")

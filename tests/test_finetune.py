@@ -1,0 +1,82 @@
+"""`dbot-ds finetune` at tiny size: layer-decay groups, mixup/cutmix targets, a resumable run."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from dbot_ds.config import ConfigError
+from dbot_ds.export import read_meta
+from dbot_ds.finetune import FinetuneConfig, build_classifier, finetune
+
+
+@pytest.fixture(scope="module")
+def export_and_shards(tmp_path_factory, process_group):
+    from test_shard_loader import write_shards
+
+    from dbot_ds.train import pretrain
+    root = tmp_path_factory.mktemp("ft")
+    pretrain(tiny_config("stages.epochs=[1]"), root / "run")
+    return root / "run" / "stage1", write_shards(root / "shards", [16, 16])
+
+
+def cfg(export, manifest, *sets):
+    base = dict(init=str(export), train=str(manifest), val=str(manifest), deepspeed="cpu_demo", global_batch=8,
+                micro_batch=4, epochs=2, warmup_epochs=1, num_workers=0, log_every=1)
+    for s in sets:
+        k, v = s.split("=")
+        base[k] = type(base.get(k, 0))(v) if k in base else int(v)
+    return FinetuneConfig(**base)
+
+
+def test_layer_decay_scales_fall_by_0_75_per_block_from_the_head(export_and_shards):
+    from timm.optim import param_groups_layer_decay
+    export, _ = export_and_shards
+    model = build_classifier({**read_meta(export), "_path": str(export)}, num_classes=3, drop_path=0.1)
+    groups = param_groups_layer_decay(model, 0.05, model.no_weight_decay(), layer_decay=0.75)
+    scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in model.named_parameters() if p is q}
+    depth = len(model.blocks)  # 2: layers 0 (embeddings), 1..2 (blocks), 3 (head)
+    assert scale["head.weight"] == 1.0
+    assert scale["blocks.1.mlp.fc1.weight"] == pytest.approx(0.75)
+    assert scale["blocks.0.mlp.fc1.weight"] == pytest.approx(0.75 ** 2)
+    assert scale["patch_embed.proj.weight"] == pytest.approx(0.75 ** (depth + 1))
+    wd = {n: g["weight_decay"] for g in groups for p in g["params"] for n, q in model.named_parameters() if p is q}
+    assert wd["pos_embed"] == 0 and wd["cls_token"] == 0 and wd["blocks.0.norm1.weight"] == 0
+    assert wd["blocks.0.attn.qkv.weight"] == 0.05
+
+
+def test_classifier_starts_from_the_export_encoder(export_and_shards):
+    from dbot_ds.teacher import encoder_from_export
+    export, _ = export_and_shards
+    model = build_classifier({**read_meta(export), "_path": str(export)}, num_classes=3, drop_path=0.0).eval()
+    enc, _ = encoder_from_export(export)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        # same blocks: timm's pre-pool tokens equal our encoder's tokens before its final norm
+        assert torch.allclose(model.forward_features(x), enc.eval()(x, final_norm=False), atol=1e-5)
+
+
+def test_mixup_and_cutmix_give_soft_targets_that_sum_to_one():
+    from timm.data import Mixup
+    mix = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
+    torch.manual_seed(0)
+    imgs, targets = mix(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert targets.shape == (4, 5) and torch.allclose(targets.sum(1), torch.ones(4))
+    assert (targets > 0).sum(1).min() >= 2  # every image mixes two labels (plus smoothing)
+
+
+def test_finetune_runs_evaluates_and_resumes_to_the_same_result(export_and_shards, tmp_path):
+    export, manifest = export_and_shards
+    straight = finetune(cfg(export, manifest), tmp_path / "a")
+    assert 0 <= straight["top1"] <= 1 and straight["top5"] >= straight["top1"]
+    finetune(cfg(export, manifest, "stop_at_step=3"), tmp_path / "b")
+    resumed = finetune(cfg(export, manifest), tmp_path / "b")
+    last_a = json.loads((tmp_path / "a" / "metrics.json").read_text())["last"]
+    last_b = json.loads((tmp_path / "b" / "metrics.json").read_text())["last"]
+    assert last_a["loss"] == pytest.approx(last_b["loss"], rel=1e-6) and last_a["top1"] == last_b["top1"]
+
+
+def test_finetune_without_its_inputs_names_them():
+    with pytest.raises(ConfigError, match="--train, --val"):
+        FinetuneConfig(init="x")
