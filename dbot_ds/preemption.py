@@ -2,8 +2,8 @@
 
 Slurm sends USR1 (`#SBATCH --signal=B:USR1@N`) to the batch shell, whose trap touches the file
 named by DBOT_STOP_FILE; a USR1/TERM delivered to the trainer itself also counts. Ranks agree
-through an all-reduce launched at one poll and read at the next, so the check never stalls the
-step on a host synchronisation.
+through an all-reduce whose result is copied to the host asynchronously at one poll and read at
+the next, so the check never stalls the step on a host synchronisation.
 """
 
 from __future__ import annotations
@@ -41,9 +41,24 @@ class StopSignal:
             return self.local()
         decided = False
         if self.pending is not None:
-            work, flag = self.pending
-            work.wait()
-            decided = bool(flag.item())
+            done, host = self.pending
+            done.synchronize()  # recorded a poll interval ago: long finished, no stall
+            decided = bool(host.item())
         flag = torch.tensor([int(self.local())], device=self.device)
-        self.pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # enqueued on the stream; the host does not wait
+        if flag.is_cuda:
+            host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = flag, _Done()
+        self.pending = (done, host)
         return decided
+
+
+class _Done:
+    """A finished 'event' for CPU tensors (gloo's all-reduce has already completed)."""
+
+    def synchronize(self) -> None:
+        pass
