@@ -128,7 +128,7 @@ def main(args) -> int:
     from dbot_ds.probe import load_encoder
 
     encoder = load_encoder(args.encoder)
-    imgs, keys = [], []
+    imgs = []
     for batch, _ in labelled_loader(args.manifest, encoder.arch.img_size, batch=64, workers=0):
         imgs.append(batch)
         if sum(map(len, imgs)) >= args.max_images:

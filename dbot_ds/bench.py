@@ -144,7 +144,6 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     if compare_plain:
         plain_student = fresh_student(cfg, 1, arch.width).to(device)
         plain = plain_step_fn(plain_student, teacher, cfg, device, dtype)
-        plain_imgs = batch_to_device(imgs_u8, device, dtype, arch.img_size)
         plain_step = lambda: plain(batch_to_device(imgs_u8, device, dtype, arch.img_size))
     ds_times, plain_times = [], []
     for _ in range(repeats):  # interleaved A B A B

@@ -200,7 +200,7 @@ class RunConfig:
             check(self.teacher.random_depth is None and self.teacher.init == "random",
                   "an EMA teacher starts as a copy of the student: leave teacher.random_depth "
                   "and teacher.init at their defaults")
-            check(0.0 < self.teacher.momentum < 1.0, f"teacher.momentum must be in (0, 1)")
+            check(0.0 < self.teacher.momentum < 1.0, "teacher.momentum must be in (0, 1)")
         check(self.batch.micro_batch >= 1 and self.batch.global_batch >= 1,
               "batch.micro_batch and batch.global_batch must be >= 1")
         check(self.batch.global_batch % self.batch.micro_batch == 0,

@@ -57,8 +57,8 @@ def model_card(meta: dict, kwargs: dict, metrics: dict | None) -> str:
              f"- data: {data.get('source')} {data.get('shards', '')}".rstrip(),
              f"- teacher sha256: {meta.get('teacher_sha256')}", f"- weights sha256 (dbot-ds export): {meta['sha256']}",
              "", "```python", "import timm",
-             f"model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,",
-             f"    pretrained_cfg_overlay=dict(file='model.safetensors'),",
+             "model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,",
+             "    pretrained_cfg_overlay=dict(file='model.safetensors'),",
              f"    **{ {k: v for k, v in kwargs.items() if k != 'num_classes'} })", "```"]
     if metrics:
         lines += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]

@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dbot_ds.masking import num_visible

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbot_ds.config import ConfigError
-from dbot_ds.export import ExportError, read_export, state_sha256
+from dbot_ds.export import ExportError, read_export
 from dbot_ds.losses import normalize_tokens
 from dbot_ds.models import ViT, ViTArch
 

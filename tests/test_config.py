@@ -4,7 +4,6 @@ import pytest
 
 from dbot_ds.config import ConfigError, load_config
 from dbot_ds.ds_config import resolve_ds_config
-from dbot_ds.recipes import RECIPES
 
 
 def test_recipes_that_need_a_teacher_say_so():

@@ -2,8 +2,6 @@
 
 import io
 import json
-import shutil
-import tarfile
 
 import pytest
 from imagegen import ilsvrc_tar_of_tars, jpeg, mini_imagenet

@@ -1,8 +1,5 @@
 """The shard loader: exact epochs across ranks and workers, resume, bad data, foreign shards."""
 
-import collections
-import io
-import tarfile
 
 import pytest
 import torch
