@@ -14,12 +14,11 @@ from dbot_ds import checkpoint
 from dbot_ds.export import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(os.environ.get("DBOT_SKIP_SLURM") == "1", reason="DBOT_SKIP_SLURM=1")
-
-
 @pytest.fixture(scope="module")
 def slurm():
     """The cluster .ci/run started (SLURM_CONF set), or one started (and stopped) here."""
+    if os.environ.get("DBOT_SKIP_SLURM") == "1":
+        pytest.skip("DBOT_SKIP_SLURM=1")
     env = subprocess_env()
     started = False
     if not (env.get("SLURM_CONF") and subprocess.run(["sinfo"], env=env, capture_output=True).returncode == 0):
@@ -114,3 +113,26 @@ def test_a_two_node_job_runs_one_rank_per_node_with_real_deepspeed_steps(slurm, 
     state = checkpoint.read_state(checkpoint.latest(out / "checkpoints"))
     assert state["world_size"] == 2 and state["step"] == 4
     assert "on n[1-2]" in log(out)
+
+
+def test_dry_run_prints_the_exact_chain_without_submitting(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "submit", "--recipe", "vit_base", "--out", str(out),
+           "--nodes", "4", "--partition", "gpu", "--account", "proj", "--then", "finetune.sbatch --x", "--dry-run"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("sbatch --parsable") for line in lines)
+    assert "--nodes=4" in lines[0] and "--partition=gpu" in lines[0] and "--account=proj" in lines[0]
+    assert "--gpus-per-node=8" in lines[0] and "dependency" not in lines[0]
+    assert "'--dependency=afterok:<stage1>' --kill-on-invalid-dep=yes" in lines[1]
+    assert lines[0].endswith(f"stage.sbatch 1 {out} --recipe=vit_base")
+    assert "'--dependency=afterok:<stage2>'" in lines[2] and lines[2].endswith("finetune.sbatch --x")
+    assert not out.exists()
+
+
+def test_a_bad_config_is_refused_before_anything_is_submitted(tmp_path):
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "submit", "--recipe", "vit_base", "--out",
+           str(tmp_path / "run"), "--set", "mask.ratio=2", "--dry-run"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    assert r.returncode == 2 and "mask ratio must be in (0, 1)" in r.stderr
