@@ -15,11 +15,13 @@ import copy
 from dbot_ds.config import ConfigError, deep_merge
 
 NEEDS_TEACHER = ""  # teacher.init left empty: the run must be given --set teacher.init=PATH
+# The paper's recipes read ImageNet shards; the run must be given --set data.shards=MANIFEST.
+_IMAGENET = {"source": "shards", "shards": ""}
 
-_B = {"model": {"size": "vit_base"}, "deepspeed": "vit_base", "batch": {"micro_batch": 256}}
-_L = {"model": {"size": "vit_large"}, "deepspeed": "vit_large", "batch": {"micro_batch": 128},
+_B = {"model": {"size": "vit_base"}, "deepspeed": "vit_base", "batch": {"micro_batch": 256}, "data": _IMAGENET}
+_L = {"model": {"size": "vit_large"}, "deepspeed": "vit_large", "batch": {"micro_batch": 128}, "data": _IMAGENET,
       "teacher": {"random_depth": 0}}  # authors' stage-1 teacher for L/H: patch + position only
-_H = {"model": {"size": "vit_huge"}, "deepspeed": "vit_huge", "batch": {"micro_batch": 128},
+_H = {"model": {"size": "vit_huge"}, "deepspeed": "vit_huge", "batch": {"micro_batch": 128}, "data": _IMAGENET,
       "teacher": {"random_depth": 0}}
 # Recipe ⌘ (data-richer teachers such as CLIP; Table A1 right column).
 _CLIP = {"model": {"decoder": False, "drop_path": 0.1}, "loss": {"kind": "cosine"},

@@ -2,8 +2,8 @@
 
 Launch (every launcher sets RANK/WORLD_SIZE/LOCAL_RANK; a bare command runs 1 process):
     dbot-ds pretrain --recipe demo --out runs/demo
-    torchrun --nproc_per_node 8 -m dbot_ds.cli pretrain --recipe vit_base --out runs/b
-    deepspeed --num_gpus 8 --module dbot_ds.cli pretrain --recipe vit_base --out runs/b
+    torchrun --nproc_per_node 8 -m dbot_ds.cli pretrain --recipe vit_base --out runs/b --set data.shards=M
+    deepspeed --num_gpus 8 --module dbot_ds.cli pretrain --recipe vit_base --out runs/b --set data.shards=M
 """
 
 from __future__ import annotations

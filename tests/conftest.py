@@ -16,6 +16,10 @@ TINY = [
 ]
 
 
+# The paper's recipes need their ImageNet shards named; config-only tests give a placeholder.
+PAPER_DATA = "data.shards=/data/imagenet/train/manifest.json"
+
+
 def subprocess_env() -> dict:
     """The environment for a child launcher: without this process's rendezvous variables."""
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}

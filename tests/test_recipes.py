@@ -11,7 +11,7 @@ from dbot_ds.recipes import NEEDS_TEACHER, PAPER_ROWS, RECIPES, recipe_dict
 from dbot_ds.train import pretrain
 
 # Tiny sizes and data, CPU DeepSpeed config; the recipe's method settings stay as they are.
-SWAP = [s for s in TINY if not s.startswith(("stages.", "optim.warmup"))] + ["stop_at_step=2"]
+SWAP = [s for s in TINY if not s.startswith(("stages.", "optim.warmup"))] + ["stop_at_step=2", "data.source=synthetic"]
 
 
 @pytest.fixture(scope="module")

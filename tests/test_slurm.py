@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, subprocess_env
+from conftest import PAPER_DATA, TINY, subprocess_env
 
 from dbot_ds import checkpoint
 from dbot_ds.export import read_meta
@@ -118,7 +118,8 @@ def test_a_two_node_job_runs_one_rank_per_node_with_real_deepspeed_steps(slurm, 
 def test_dry_run_prints_the_exact_chain_without_submitting(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "submit", "--recipe", "vit_base", "--out", str(out),
-           "--nodes", "4", "--partition", "gpu", "--account", "proj", "--then", "finetune.sbatch --x", "--dry-run"]
+           "--nodes", "4", "--partition", "gpu", "--account", "proj", "--then", "finetune.sbatch --x", "--dry-run",
+           "--set", PAPER_DATA]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -126,7 +127,7 @@ def test_dry_run_prints_the_exact_chain_without_submitting(tmp_path):
     assert "--nodes=4" in lines[0] and "--partition=gpu" in lines[0] and "--account=proj" in lines[0]
     assert "--gpus-per-node=8" in lines[0] and "dependency" not in lines[0]
     assert "'--dependency=afterok:<stage1>' --kill-on-invalid-dep=yes" in lines[1]
-    assert lines[0].endswith(f"stage.sbatch 1 {out} --recipe=vit_base")
+    assert lines[0].endswith(f"stage.sbatch 1 {out} --recipe=vit_base --set={PAPER_DATA}")
     assert "'--dependency=afterok:<stage2>'" in lines[2] and lines[2].endswith("finetune.sbatch --x")
     assert not out.exists()
 
