@@ -210,8 +210,10 @@ def main(args) -> int:
                                                  "data.source=shards", f"data.shards={args.shards}",
                                                  f"data.num_workers={args.workers}", f"data.decode={args.decode}",
                                                  "deepspeed=cpu_demo", *args.set])
+            from dbot_ds.data.prefetch import DevicePrefetcher
             loader, position = build_data(shard_cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
             position.set_position(0, 0)
+            loader = DevicePrefetcher(loader, device)  # as in training
         r = run_case(cfg, device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak=peak,
                      compare_plain=not args.no_plain, data_loader=loader)
         results.append(r)

@@ -21,6 +21,7 @@ from dbot_ds import checkpoint, engine as ds_engine
 from dbot_ds.accel import try_compile
 from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
+from dbot_ds.data.prefetch import DevicePrefetcher
 from dbot_ds.distributed import World, world_from_env
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.export import ExportError, read_export, write_export
@@ -50,7 +51,7 @@ class Run:
     ds_config: dict
     plan: StagePlan
     position: EpochSampler | ShardStream  # where the loader is in its epoch
-    loader: torch.utils.data.DataLoader
+    loader: DevicePrefetcher  # over the DataLoader
     log: MetricsLog
     stop: StopSignal
     preempted: bool = False
@@ -108,6 +109,7 @@ def setup(cfg: RunConfig, out: Path) -> Run:
     loader, position = build_data(cfg, rank=world.rank, world=world.size, run_dir=out,
                                   accum=ds_config["gradient_accumulation_steps"], barrier=barrier)
     plan = StagePlan(tuple(cfg.stages.epochs), position.steps_per_epoch)
+    loader = DevicePrefetcher(loader, device)
     return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main),
                StopSignal(device))
 

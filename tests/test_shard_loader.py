@@ -128,3 +128,13 @@ def test_device_decode_path_gives_the_same_samples_as_the_cpu_path(uneven):
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         got.append([solid_index((img * std[0] + mean[0]) * 255) for img in imgs])
     assert got == cpu
+
+
+def test_the_device_prefetcher_passes_batches_through_unchanged_on_cpu(uneven):
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    ds = stream(uneven, micro=4)
+    ds.set_position(0, 0)
+    direct = list(DataLoader(ds, batch_size=4))
+    ds.set_position(0, 0)
+    prefetched = list(DevicePrefetcher(DataLoader(ds, batch_size=4), torch.device("cpu")))
+    assert len(direct) == len(prefetched) and all(torch.equal(a, b) for a, b in zip(direct, prefetched))
