@@ -20,8 +20,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_tools.sources import Item
-from dbot_ds.data.shards import (DeterministicTarWriter, Manifest, ShardError, ShardInfo,
-                                 atomic_write, file_sha256, sample_members, write_manifest)
+from dbot_ds.data.shards import (DeterministicTarWriter, Manifest, ShardError, ShardInfo, sample_members,
+                                 write_manifest)
+from dbot_ds.files import atomic_write, file_sha256
 
 JOURNAL = ".convert"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from dbot_ds.data.shards import (IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardInfo, file_sha256,
-                                 read_manifest, write_manifest)
+from dbot_ds.data.shards import IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardInfo, read_manifest, write_manifest
+from dbot_ds.files import file_sha256
 from dbot_ds.data.tar_samples import iter_shard_samples
 
 

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file, save_file
 
+from dbot_ds.files import atomic_write
+
 STATE = "dbot_state.json"
 POINTER = "latest_complete"
 TEACHER = "teacher.safetensors"
@@ -31,15 +33,6 @@ def _barrier() -> None:
 
 def checkpoint_tag(stage: int, step: int) -> str:
     return f"stage{stage}-step{step:08d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
@@ -56,20 +49,22 @@ def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
         if teacher_state is not None:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in teacher_state.items()},
                       str(partial / TEACHER))
-        _atomic_write_text(partial / STATE, json.dumps(state, indent=2))
+        atomic_write(partial / STATE, json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
         os.replace(partial, final)
-        _atomic_write_text(root / POINTER, tag + "\n")
+        atomic_write(root / POINTER, tag + "\n")
         prune(root, keep)
     _barrier()
     return final
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and (p / STATE).is_file() and not p.name.endswith(".partial")]
-    return sorted(done, key=lambda p: (read_state(p)["stage"], read_state(p)["step"]))
+    order = {p: (read_state(p)["stage"], read_state(p)["step"]) for p in done}
+    return sorted(done, key=order.__getitem__)
 
 
 def prune(root: Path, keep: int) -> None:

@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from dbot_ds.files import atomic_write
+
 WEIGHTS = "model.safetensors"
 META = "meta.json"
 FORMAT = "dbot-ds-export/1"
@@ -39,13 +41,6 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return sha256(weights_bytes(state))
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict) -> str:
     """Write weights + meta.json atomically (temp dir, then rename); returns the sha256.
 
@@ -66,8 +61,8 @@ def write_export(out_dir: str | Path, state: dict[str, torch.Tensor], meta: dict
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _fsync_write(tmp / WEIGHTS, data)
-    _fsync_write(tmp / META, (json.dumps(meta, indent=2) + "\n").encode())
+    atomic_write(tmp / WEIGHTS, data)
+    atomic_write(tmp / META, json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out_dir)
     return digest
 

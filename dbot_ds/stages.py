@@ -18,7 +18,7 @@ from dbot_ds.config import RunConfig
 from dbot_ds.export import ExportError, read_export, state_sha256
 from dbot_ds.seeding import derive_seed
 from dbot_ds.student import Student
-from dbot_ds.data.shards import file_sha256
+from dbot_ds.files import file_sha256
 from dbot_ds.teacher import (Teacher, check_fits, encoder_from_export, random_encoder,
                              random_teacher_arch)
 from dbot_ds.teacher_import import import_teacher, resize_grid

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 
 from data_tools.verify import index
 from dbot_ds.data.shard_loader import ShardStream
-from dbot_ds.data.shards import DeterministicTarWriter, Manifest, ShardError, ShardInfo, file_sha256, \
-    sample_members, write_manifest
+from dbot_ds.data.shards import DeterministicTarWriter, Manifest, ShardError, ShardInfo, sample_members, write_manifest
+from dbot_ds.files import file_sha256
 
 
 def write_shards(root, sizes, corrupt=(), truncate=None):

@@ -9,12 +9,12 @@ byte size and sha256, plus the class index, so the loader can account for an epo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
+
+from dbot_ds.files import atomic_write
 
 MANIFEST_FORMAT = "dbot-ds-shards/1"
 IMAGE_KEY, LABEL_KEY, META_KEY = "jpg", "cls", "json"
@@ -66,23 +66,6 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def write_manifest(manifest: Manifest, path: str | Path) -> None:
     atomic_write(Path(path), (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sample_members(key: str, jpeg: bytes, label: int, meta: dict) -> list[tuple[str, bytes]]:
