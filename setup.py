@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import find_packages, setup
 
 setup(
@@ -11,4 +13,7 @@ setup(
                       "safetensors", "numpy", "tqdm", "tensorboard", "simplejpeg", "braceexpand", "matplotlib"],
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn"]},
     entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
+    # Found in the checkout by an editable install, under <prefix>/share/dbot-ds by a regular one.
+    data_files=[("share/dbot-ds/ds_configs", glob("ds_configs/*.json")),
+                ("share/dbot-ds/slurm", ["slurm/stage.sbatch", "slurm/cluster.sh"])],
 )

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from dbot_ds.config import ConfigError, RunConfig
+from dbot_ds.files import shipped
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = shipped("ds_configs")
 
 
 def load_ds_json(name_or_path: str) -> dict:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
+
+
+def shipped(relative: str) -> Path:
+    """A file shipped beside the package (ds_configs/, slurm/): in the checkout for an editable
+    install, under <prefix>/share/dbot-ds for a regular one."""
+    checkout = Path(__file__).resolve().parent.parent / relative
+    return checkout if checkout.exists() else Path(sys.prefix) / "share" / "dbot-ds" / relative
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:

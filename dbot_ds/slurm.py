@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from dbot_ds.config import load_config
+from dbot_ds.files import shipped
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "stage.sbatch"
+TEMPLATE = shipped("slurm/stage.sbatch")
 
 
 def sbatch_command(args, stage: int, after: str | None, pretrain_args: list[str]) -> list[str]:
