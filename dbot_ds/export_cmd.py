@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from dbot_ds import checkpoint
 from dbot_ds.config import from_dict, RunConfig
 from dbot_ds.export import META, read_export, write_export
+from dbot_ds.stages import export_meta
 from dbot_ds.student import Student
 from dbot_ds.teacher import encoder_state
 
@@ -26,12 +27,9 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     missing = set(student.state_dict()) - set(state)
     if missing:
         raise RuntimeError(f"{ckpt}: the checkpoint lacks {sorted(missing)}")
-    decoder = cfg.model.decoder_arch()
-    write_export(out, state, {
-        "stage": state_info["stage"], "recipe": cfg.recipe, "steps": state_info["step"],
-        "teacher_sha256": state_info["teacher"], "encoder": cfg.model.encoder_arch().to_dict(),
-        "decoder": decoder.to_dict() if decoder else None, "target_width": width,
-        "drop_path": cfg.model.resolved_drop_path(), "config": cfg.to_dict(), "from_checkpoint": str(ckpt)})
+    write_export(out, state, export_meta(cfg, stage=state_info["stage"], steps=state_info["step"],
+                                         teacher_sha256=state_info["teacher"], target_width=width,
+                                         from_checkpoint=str(ckpt)))
     return Path(out)
 
 

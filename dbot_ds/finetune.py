@@ -180,7 +180,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     ckpt = checkpoint.latest(out / "checkpoints") if resume == "auto" else None
     if ckpt:
         step = checkpoint.load(eng, ckpt)["step"]
-    best = {}
+    best = record = {}
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not world.is_main, dynamic_ncols=True)
     while step < total:
         epoch, in_epoch = divmod(step, spe)
@@ -216,6 +216,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
                 bar.close()
                 return best
     bar.close()
+    if not record:  # the run had already finished: report what it found then
+        return json.loads((out / "metrics.json").read_text())["best"]
     if world.is_main:
         (out / "metrics.json").write_text(json.dumps({"best": best, "last": record}, indent=2) + "\n")
     return best

@@ -23,11 +23,18 @@ class StopSignal:
         self.stop_file = os.environ.get(STOP_FILE_ENV)
         self.signalled = False
         self.pending = None
+        self.previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
-                signal.signal(sig, self._handler)
+                self.previous[sig] = signal.signal(sig, self._handler)
             except ValueError:  # not the main thread (e.g. inside some test runners)
                 pass
+
+    def close(self) -> None:
+        """Give the signals back to whoever handled them before this run."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handler(self, signum, frame) -> None:
         self.signalled = True

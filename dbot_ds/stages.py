@@ -45,6 +45,17 @@ def export_dir(run_dir: Path, stage: int) -> Path:
     return Path(run_dir) / f"stage{stage}"
 
 
+def export_meta(cfg: RunConfig, *, stage: int, steps: int, teacher_sha256: str, target_width: int,
+                **extra) -> dict:
+    """meta.json of a stage export: everything needed to rebuild the student (and its encoder,
+    the next stage's teacher) with no other input."""
+    decoder = cfg.model.decoder_arch()
+    return {"stage": stage, "recipe": cfg.recipe, "steps": steps, "teacher_sha256": teacher_sha256,
+            "encoder": cfg.model.encoder_arch().to_dict(), "decoder": decoder.to_dict() if decoder else None,
+            "target_width": target_width, "drop_path": cfg.model.resolved_drop_path(),
+            "config": cfg.to_dict(), **extra}
+
+
 def _teacher(cfg: RunConfig, encoder, identity: str, dtype: torch.dtype, **kw) -> Teacher:
     return Teacher(encoder, identity, final_norm=cfg.teacher.final_norm,
                    normalize=cfg.teacher.normalize_target, dtype=dtype, **kw)
@@ -76,10 +87,13 @@ def initial_teacher_encoder(cfg: RunConfig, verbose: bool = True):
 
 
 def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.dtype,
-                       initial=None) -> Teacher:
-    """Stage 1: random or pretrained; stage k > 1: the export of stage k-1, verified by sha256."""
-    if stage == 1:
-        encoder, identity = initial or initial_teacher_encoder(cfg)
+                       checked=None) -> Teacher:
+    """Stage 1: random or pretrained; stage k > 1: the export of stage k-1, verified by sha256.
+    checked: this stage's (encoder, identity) when already read and checked before the run."""
+    if checked:
+        encoder, identity = checked
+    elif stage == 1:
+        encoder, identity = initial_teacher_encoder(cfg)
     else:
         encoder, meta = encoder_from_export(export_dir(run_dir, stage - 1))
         identity = meta["sha256"]

@@ -30,7 +30,7 @@ from dbot_ds.masking import random_masking
 from dbot_ds.metrics import MetricsLog
 from dbot_ds.schedule import ema_momentum_at, lr_at
 from dbot_ds.seeding import derive_seed
-from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir,
+from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir, export_meta,
                             initial_teacher_encoder, stage_student)
 from dbot_ds.preemption import StopSignal
 from dbot_ds.teacher import Teacher, check_fits, encoder_from_export
@@ -135,12 +135,12 @@ def find_resume(run: Run, resume: str, only_stage: int | None = None) -> Path | 
     return ckpt
 
 
-def start_stage(run: Run, stage: int, initial_teacher=None):
+def start_stage(run: Run, stage: int, checked_teacher=None):
     """The teacher and a fresh engine (new student, new optimizer) for `stage`."""
     cfg = run.cfg
     teacher = None
     if not run.ema:
-        teacher = breakpoint_teacher(cfg, run.out, stage, run.dtype, initial_teacher).to(run.device)
+        teacher = breakpoint_teacher(cfg, run.out, stage, run.dtype, checked_teacher).to(run.device)
     width = teacher.arch.width if teacher else cfg.model.encoder_arch().width
     student = stage_student(cfg, run.out, stage, width)
     if not ds_engine.replicas_identical(student):
@@ -196,15 +196,9 @@ def export_stage(run: Run, eng, teacher: Teacher, stage: int) -> Path:
     state.update(eng.module.fixed_buffers())
     path = export_dir(run.out, stage)
     if run.world.is_main:
-        cfg = run.cfg
-        decoder = cfg.model.decoder_arch()
-        write_export(path, state, {
-            "stage": stage, "recipe": cfg.recipe, "steps": run.plan.steps(stage),
-            "epochs": run.plan.epochs[stage - 1], "teacher_sha256": teacher.identity,
-            "encoder": cfg.model.encoder_arch().to_dict(),
-            "decoder": decoder.to_dict() if decoder else None,
-            "target_width": eng.module.head.out_features,
-            "drop_path": cfg.model.resolved_drop_path(), "config": cfg.to_dict()})
+        write_export(path, state, export_meta(
+            run.cfg, stage=stage, steps=run.plan.steps(stage), teacher_sha256=teacher.identity,
+            target_width=eng.module.head.out_features, epochs=run.plan.epochs[stage - 1]))
     barrier()
     return path
 
@@ -274,40 +268,44 @@ def log_metrics(run, bar, stage, step, loss_sum, loss_count, t_log, step_log, to
     return torch.zeros((), device=run.device), 0, now, step
 
 
-def check_stage_start(cfg: RunConfig, out: Path, stage: int) -> Path | None:
-    """For a single-stage job: the finished export if the stage is already done; otherwise check,
-    before anything starts, that the stage's teacher is there, complete and fits."""
+def check_stage_start(cfg: RunConfig, out: Path, stage: int):
+    """For a single-stage job: (the finished export, None) if the stage is already done; else
+    (None, its teacher's (encoder, identity)), read and checked before anything starts."""
     if not 1 <= stage <= len(cfg.stages.epochs):
         raise ConfigError(f"--stage {stage}: the run has stages 1..{len(cfg.stages.epochs)}")
     done = export_dir(out, stage)
     if (done / "meta.json").is_file():
         read_export(done)  # verifies the sha256
-        return done
-    if stage > 1 and cfg.teacher.update == "breakpoint":
-        teacher = export_dir(out, stage - 1)
-        try:
-            encoder, _ = encoder_from_export(teacher)
-        except ExportError as e:
-            raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
-        check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({teacher})")
-    return None
+        return done, None
+    if stage == 1 or cfg.teacher.update != "breakpoint":
+        return None, None  # read in pretrain (stage 1) or built from the student (EMA)
+    teacher = export_dir(out, stage - 1)
+    try:
+        encoder, meta = encoder_from_export(teacher)
+    except ExportError as e:
+        raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
+    check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({teacher})")
+    return None, (encoder, meta["sha256"])
 
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto", only_stage: int | None = None) -> list[Path]:
     """Run (or continue) every stage, or only `only_stage` (one Slurm job per stage); returns
     the stage exports written so far."""
     out = Path(out)
-    if only_stage is not None and (done := check_stage_start(cfg, out, only_stage)):
-        return [done]
+    checked = {}  # stage -> its teacher's (encoder, identity), read and checked before any step
+    if only_stage is not None:
+        done, checked[only_stage] = check_stage_start(cfg, out, only_stage)
+        if done:
+            return [done]
     run = setup(cfg, out)
     ckpt = find_resume(run, resume, only_stage)
     first = checkpoint.read_state(ckpt)["stage"] if ckpt else (only_stage or 1)
     last = only_stage or run.plan.num_stages
-    # Read and check a pretrained teacher before any step (a random one is built from the seed).
-    initial = initial_teacher_encoder(cfg) if first == 1 and not run.ema else None
+    if first == 1 and not run.ema:  # a pretrained teacher is read here (a random one from the seed)
+        checked[1] = initial_teacher_encoder(cfg, verbose=run.world.is_main)
     exports = [] if only_stage else [export_dir(out, s) for s in range(1, first)]
     for stage in range(first, last + 1):
-        teacher, eng = start_stage(run, stage, initial if stage == 1 else None)
+        teacher, eng = start_stage(run, stage, checked.get(stage))
         step = resume_stage(run, eng, teacher, ckpt) if ckpt and stage == first else 0
         step = train_stage(run, eng, teacher, stage, step)
         if step == run.plan.steps(stage):
@@ -316,4 +314,5 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto", only_stage: 
         if run.preempted or stop_requested(run, stage, step):
             break
     run.log.close()
+    run.stop.close()
     return exports

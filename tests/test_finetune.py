@@ -72,6 +72,7 @@ def test_finetune_runs_evaluates_and_resumes_to_the_same_result(export_and_shard
     assert 0 <= straight["top1"] <= 1 and straight["top5"] >= straight["top1"]
     finetune(cfg(export, manifest, "stop_at_step=3"), tmp_path / "b")
     finetune(cfg(export, manifest), tmp_path / "b")
+    assert finetune(cfg(export, manifest), tmp_path / "a") == straight  # a finished run: same report
     last_a = json.loads((tmp_path / "a" / "metrics.json").read_text())["last"]
     last_b = json.loads((tmp_path / "b" / "metrics.json").read_text())["last"]
     assert last_a["loss"] == pytest.approx(last_b["loss"], rel=1e-6) and last_a["top1"] == last_b["top1"]
