@@ -59,12 +59,12 @@ class Timer:
         return time.perf_counter() - self.t
 
 
-def bench_config(size: str, micro: int, zero: int, compile_backend: str, img_size: int,
-                 bf16: bool, extra: list[str]) -> RunConfig:
+def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher_graph: bool,
+                 img_size: int, bf16: bool, extra: list[str]) -> RunConfig:
     return load_config(None, None, [f"model.size={size}", f"model.img_size={img_size}",
                                     f"batch.micro_batch={micro}", f"batch.global_batch={micro}",
-                                    f"compile={compile_backend}", f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}",
-                                    *extra])
+                                    f"compile={compile_backend}", f"cuda_graph_teacher={str(teacher_graph).lower()}",
+                                    f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}", *extra])
 
 
 def plain_step_fn(student, teacher, cfg: RunConfig, device, dtype):
@@ -120,14 +120,14 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     from dbot_ds.data import batch_to_device
     from dbot_ds.stages import fresh_student
     from dbot_ds.teacher import Teacher, random_encoder
-    from dbot_ds.train import compile_step, train_micro_step
+    from dbot_ds.train import fast_paths, train_micro_step
 
     ds = resolve_ds_config(cfg, 1)
     dtype = torch.bfloat16 if uses_bf16(ds) else torch.float32
     arch = cfg.model.encoder_arch()
     teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
     eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
-    compile_step(cfg, teacher, eng, device, dtype)
+    fast_paths(cfg, teacher, eng, device, dtype)
     imgs_u8 = torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
                             dtype=torch.uint8, device=device)
     timer = Timer(device)
@@ -156,7 +156,8 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     result = {
         "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
         "zero_stage": ds["zero_optimization"]["stage"], "bf16": dtype == torch.bfloat16,
-        "compile": cfg.compile or "off", "masks_per_image": cfg.mask.per_image, "step_s": step_s,
+        "compile": cfg.compile or "off", "teacher_cuda_graph": teacher.graphed is not None,
+        "masks_per_image": cfg.mask.per_image, "step_s": step_s,
         "images_per_s": ips,
         "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
@@ -199,9 +200,11 @@ def main(args) -> int:
     peak = device_peak(device, args.peak_tflops)
     bf16 = device.type == "cuda" and not args.fp32
     results = []
-    for size, micro, zero, comp in itertools.product(args.sizes.split(","), [int(m) for m in args.micro.split(",")],
-                                                     [int(z) for z in args.zero.split(",")], args.compile.split(",")):
-        cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, args.img_size, bf16, args.set)
+    sweep = itertools.product(args.sizes.split(","), [int(m) for m in args.micro.split(",")],
+                              [int(z) for z in args.zero.split(",")], args.compile.split(","),
+                              [g == "on" for g in args.teacher_graph.split(",")])
+    for size, micro, zero, comp, graph in sweep:
+        cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, graph, args.img_size, bf16, args.set)
         loader = None
         if args.data == "shards":
             from dbot_ds.data import build_data
@@ -229,7 +232,8 @@ def main(args) -> int:
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}% MFU" if r["mfu"] is not None else "MFU n/a (no peak for this device)"
     parts = [f"{r['size']} img{r['img_size']} micro {r['micro_batch']} zero{r['zero_stage']} "
-             f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']}: {r['images_per_s']:.1f} img/s, "
+             f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']} teacher-graph="
+             f"{'on' if r['teacher_cuda_graph'] else 'off'}: {r['images_per_s']:.1f} img/s, "
              f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB"]
     parts.append("  breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
     if "deepspeed_over_plain" in r:
@@ -247,6 +251,7 @@ def add_parser(sub) -> None:
     p.add_argument("--micro", default="64", help="comma-separated micro-batches")
     p.add_argument("--zero", default="1", help="comma-separated ZeRO stages")
     p.add_argument("--compile", default="off", help="comma-separated: off, inductor, ...")
+    p.add_argument("--teacher-graph", default="off", help="comma-separated: off, on (CUDA-graph teacher)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

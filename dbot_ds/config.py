@@ -157,6 +157,10 @@ class RunConfig:
     compile: str = ""
     """torch.compile backend for student and teacher ("inductor"); "": eager. Falls back to
     eager with a warning where the backend is unavailable."""
+    cuda_graph_teacher: bool = False
+    """Replay the teacher's forward from a CUDA graph (one per input shape; after compile when
+    both are on). Saves kernel-launch time; costs one forward's activations of reserved memory.
+    Falls back to eager with a warning without CUDA."""
     log_every: int = 20
     stop_at_step: int = 0
     """Save a checkpoint and exit once this many optimizer steps (all stages) are done; 0: run to the end."""

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dbot_ds.accel import CudaGraphed, cuda_graphs_available
 from dbot_ds.config import ConfigError
 from dbot_ds.export import ExportError, read_export
 from dbot_ds.losses import normalize_tokens
@@ -28,6 +29,7 @@ class Teacher(nn.Module):
         self.encoder = encoder.to(dtype).eval().requires_grad_(False)
         self.identity = identity  # sha256 of its weights, or "ema"
         self.final_norm, self.normalize, self.dtype, self.autocast = final_norm, normalize, dtype, autocast
+        self.graphed: CudaGraphed | None = None
 
     @property
     def arch(self) -> ViTArch:
@@ -44,9 +46,22 @@ class Teacher(nn.Module):
             size = self.encoder.arch.img_size
             if imgs.shape[-1] != size:  # a teacher of another patch size sees the same image
                 imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
-            feats = self.encoder(imgs.to(self.dtype), final_norm=self.final_norm)
-        feats = feats.float()  # outside inference_mode: a functional op makes a normal tensor
+            feats = (self.graphed or self._encode)(imgs.to(self.dtype))
+        # Outside inference_mode a functional op makes a normal tensor, and a copy: a graph's
+        # static output is overwritten by the next replay.
+        feats = feats.float()
         return normalize_tokens(feats) if self.normalize else feats.clone()
+
+    def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(imgs, final_norm=self.final_norm)
+
+    def use_cuda_graphs(self) -> bool:
+        """Replay the encoder forward from CUDA graphs (one per input shape) from now on; on a
+        device without CUDA graphs, warn and stay eager. Returns whether graphs are used."""
+        if not cuda_graphs_available(next(self.encoder.parameters()).device):
+            return False
+        self.graphed = CudaGraphed(self._encode)
+        return True
 
 
 def random_encoder(arch: ViTArch, seed: int) -> ViT:

@@ -38,8 +38,8 @@ from dbot_ds.teacher import Teacher, check_fits, encoder_from_export
 PREEMPT_POLL_EVERY = 5  # optimizer steps between stop checks (decided one poll later)
 
 # Keys that may change between a checkpoint and its resume; any other difference is an error.
-RESUMABLE_CHANGES = ("stop_at_step", "log_every", "compile", "data.num_workers", "checkpoint.every_steps",
-                     "checkpoint.keep")
+RESUMABLE_CHANGES = ("stop_at_step", "log_every", "compile", "cuda_graph_teacher", "data.num_workers",
+                     "checkpoint.every_steps", "checkpoint.keep")
 
 
 @dataclasses.dataclass
@@ -148,19 +148,21 @@ def start_stage(run: Run, stage: int, checked_teacher=None):
     if run.ema:
         teacher = ema_teacher(cfg, student, uses_bf16(run.ds_config)).to(run.device)
     eng = ds_engine.build_engine(student, cfg, run.ds_config, run.device)
-    compile_step(cfg, teacher, eng, run.device, run.dtype)
+    fast_paths(cfg, teacher, eng, run.device, run.dtype)
     return teacher, eng
 
 
-def compile_step(cfg: RunConfig, teacher: Teacher, eng, device: torch.device, dtype: torch.dtype) -> None:
-    """torch.compile student and teacher in place when cfg.compile names a backend."""
-    if not cfg.compile:
-        return
-    size = teacher.arch.img_size
-    try_compile(teacher.encoder, cfg.compile, torch.zeros(2, 3, size, size, device=device, dtype=teacher.dtype))
-    imgs = torch.zeros(2, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
-    masks = random_masking(2, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
-    try_compile(eng.module, cfg.compile, imgs, masks)
+def fast_paths(cfg: RunConfig, teacher: Teacher, eng, device: torch.device, dtype: torch.dtype) -> None:
+    """torch.compile student and teacher in place when cfg.compile names a backend; then the
+    teacher's CUDA graphs when cfg.cuda_graph_teacher (captured at its first call)."""
+    if cfg.compile:
+        size = teacher.arch.img_size
+        try_compile(teacher.encoder, cfg.compile, torch.zeros(2, 3, size, size, device=device, dtype=teacher.dtype))
+        imgs = torch.zeros(2, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
+        masks = random_masking(2, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
+        try_compile(eng.module, cfg.compile, imgs, masks)
+    if cfg.cuda_graph_teacher:
+        teacher.use_cuda_graphs()
 
 
 def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:

@@ -60,3 +60,24 @@ def test_training_runs_with_the_compile_switch_on(process_group, tmp_path):
         warnings.simplefilter("error", UserWarning)  # no fallback expected for "eager"
         pretrain(tiny_config("compile=eager", "stages.epochs=[1]"), tmp_path)
     assert (tmp_path / "stage1" / "meta.json").is_file()
+
+
+def test_cuda_graph_teacher_switch_falls_back_to_eager_without_cuda():
+    from dbot_ds.teacher import Teacher
+    teacher = Teacher(ViT(vit_arch("tiny_test", img_size=32)), "t")
+    imgs = torch.randn(4, 3, 32, 32)
+    eager = teacher.targets(imgs)
+    with pytest.warns(UserWarning, match="CUDA-graph capture needs a CUDA device, running eagerly"):
+        assert not teacher.use_cuda_graphs()
+    assert teacher.graphed is None and torch.equal(teacher.targets(imgs), eager)
+
+
+def test_bench_sweeps_the_teacher_graph_switch(tmp_path, process_group):
+    out = tmp_path / "bench.json"
+    with pytest.warns(UserWarning, match="CUDA-graph capture needs a CUDA device"):
+        assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "1",
+                     "--warmup", "1", "--repeats", "1", "--no-plain", "--teacher-graph", "off,on",
+                     "--json", str(out), *TINY_DECODER]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2  # on CPU the "on" case ran eagerly, and says so
+    assert [r["teacher_cuda_graph"] for r in results] == [False, False]

@@ -1,0 +1,112 @@
+"""GPU-only behaviour: CUDA-graph teacher, side-stream prefetch, nvJPEG decode, a bf16 run and
+the benchmark's GPU paths. Skipped without CUDA; on a GPU machine:
+
+    DBOT_TEST_GPU=1 pytest tests/test_gpu.py
+
+(the rest of the suite hides the GPU: it specifies the CPU behaviour that CI checks).
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_config
+from imagegen import solid_index
+from test_shard_loader import read_epoch, stream, write_shards
+from torch.utils.data import DataLoader
+
+from dbot_ds.cli import main
+from dbot_ds.models import vit_arch
+from dbot_ds.teacher import Teacher, random_encoder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU: DBOT_TEST_GPU=1 pytest tests/test_gpu.py")
+
+CUDA = torch.device("cuda")
+TINY_DECODER = ["--set", "model.decoder_width=32", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
+
+
+def tiny_teacher(**kw) -> Teacher:
+    return Teacher(random_encoder(vit_arch("tiny_test", img_size=32), 0), "t", **kw).to(CUDA)
+
+
+def test_a_cuda_graph_teacher_gives_the_eager_targets_and_copies_them_out():
+    teacher = tiny_teacher(dtype=torch.bfloat16)
+    imgs = [torch.randn(8, 3, 32, 32, device=CUDA) for _ in range(3)]
+    eager = [teacher.targets(x) for x in imgs]
+    assert teacher.use_cuda_graphs()
+    graphed = [teacher.targets(x) for x in imgs]  # captured at the first call, replayed after
+    for g, e in zip(graphed, eager):  # compared after all replays: earlier targets not overwritten
+        torch.testing.assert_close(g, e)
+    assert len(teacher.graphed.graphs) == 1
+    odd = torch.randn(4, 3, 32, 32, device=CUDA)  # another shape: its own graph
+    teacher_eager = tiny_teacher(dtype=torch.bfloat16)
+    torch.testing.assert_close(teacher.targets(odd), teacher_eager.targets(odd))
+    assert len(teacher.graphed.graphs) == 2
+
+
+def test_a_cuda_graph_ema_teacher_sees_its_weights_change_in_place():
+    teacher = tiny_teacher(dtype=torch.float32, autocast=torch.bfloat16)  # as stages.ema_teacher
+    x = torch.randn(8, 3, 32, 32, device=CUDA)
+    assert teacher.use_cuda_graphs()
+    before = teacher.targets(x)
+    with torch.no_grad():
+        for p in teacher.encoder.parameters():  # what engine.ema_update does: in-place arithmetic
+            p.mul_(0.5).add_(torch.randn_like(p), alpha=0.5)
+    after = teacher.targets(x)
+    teacher.graphed = None  # eager from here
+    torch.testing.assert_close(after, teacher.targets(x))
+    assert not torch.allclose(after, before, atol=1e-2)
+
+
+def test_the_prefetcher_hands_over_the_loader_batches_on_the_device(tmp_path):
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    ds = stream(write_shards(tmp_path, [7, 13, 12]), micro=4)
+    ds.set_position(0, 0)
+    direct = list(DataLoader(ds, batch_size=4, num_workers=2))
+    ds.set_position(0, 0)
+    got = list(DevicePrefetcher(DataLoader(ds, batch_size=4, num_workers=2, pin_memory=True), CUDA))
+    assert all(b.device.type == CUDA.type for b in got)
+    assert len(got) == len(direct) and all(torch.equal(a, b.cpu()) for a, b in zip(direct, got))
+
+
+def test_nvjpeg_decode_gives_the_samples_of_the_cpu_path(tmp_path):
+    from dbot_ds.data.device_decode import collate_jpegs, decode_batch
+    manifest = write_shards(tmp_path, [7, 13, 12])
+    cpu = read_epoch(stream(manifest, micro=4), epoch=0, workers=2)
+    ds = stream(manifest, micro=4, decode="device")
+    ds.set_position(0, 0)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=CUDA).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=CUDA).view(3, 1, 1)
+    got = []
+    for b in DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_jpegs):
+        imgs = decode_batch(b, 16, CUDA, torch.bfloat16)
+        assert imgs.device.type == CUDA.type and imgs.dtype == torch.bfloat16 and imgs.shape == (4, 3, 16, 16)
+        got.append([solid_index(((img.float() * std + mean) * 255).cpu()) for img in imgs])
+    assert got == cpu
+
+
+@pytest.mark.parametrize("fast", [[], ["cuda_graph_teacher=true", "compile=inductor"]], ids=["eager", "graph+inductor"])
+def test_a_bf16_two_stage_run_on_the_gpu(process_group, tmp_path, fast):
+    from dbot_ds.train import pretrain
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no eager fallback expected on a GPU
+        exports = pretrain(tiny_config("deepspeed=bench_zero1_bf16", *fast), tmp_path)
+    assert len(exports) == 2
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses and all(0 < v < 10 for v in losses)
+
+
+def test_the_benchmark_on_the_gpu_uses_bf16_device_events_and_the_datasheet_peak(process_group, tmp_path):
+    out = tmp_path / "bench.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "8", "--steps", "3",
+                     "--warmup", "2", "--repeats", "1", "--teacher-graph", "off,on", "--json", str(out),
+                     *TINY_DECODER]) == 0
+    report = json.loads(out.read_text())
+    assert report["peak_tflops"] in (989.0, 312.0), report["device"]  # H100/H200 or A100
+    assert [r["teacher_cuda_graph"] for r in report["results"]] == [False, True]
+    for r in report["results"]:
+        assert r["bf16"] and 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0 and r["deepspeed_over_plain"] > 0
