@@ -11,6 +11,7 @@ import logging
 import warnings
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
 log = logging.getLogger("dbot_ds")
@@ -46,17 +47,26 @@ def fuse_layernorms(module: nn.Module) -> int:
 
 
 def try_compile(module: nn.Module, backend: str, *example_inputs) -> bool:
-    """Compile `module` in place (state_dict names unchanged); if the backend is unavailable or
-    fails on a first call with example inputs, warn and stay eager. Returns whether it compiled."""
+    """Compile `module`'s transformer blocks in place (the whole module if it has none; state_dict
+    names unchanged); if the backend is unavailable or fails on a first call with example inputs,
+    warn and stay eager. Returns whether it compiled.
+
+    Per block, as torchtitan: identical blocks share one compiled graph, so compile time does not
+    grow with depth (ViT-B fwd+bwd with inductor on the 2-core CPU: 16 s per block vs 42 s whole;
+    depth 24: 16 s vs 50 s). dynamic=False: training shapes are fixed, and a warm-up call with
+    other shapes must not turn the batch dimension dynamic."""
     if not backend:
         return False
+    parts = [m for m in module.modules() if isinstance(m, Block)] or [module]
     try:
-        module.compile(backend=backend)
+        for part in parts:
+            part.compile(backend=backend, dynamic=False)
         with torch.no_grad():
             module(*example_inputs)
         return True
     except Exception as e:  # no compiler, unknown backend, unsupported op...
-        module._compiled_call_impl = None  # back to eager
+        for part in parts:
+            part._compiled_call_impl = None  # back to eager
         warnings.warn(f"torch.compile(backend={backend!r}) unavailable here, running eagerly: "
                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return False

@@ -10,6 +10,7 @@ time against a plain PyTorch loop with the same modules and optimizer, interleav
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import resource
@@ -68,7 +69,9 @@ def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher
 
 
 def plain_step_fn(student, teacher, cfg: RunConfig, device, dtype):
-    """The same step without DeepSpeed: torch AdamW (fused on GPUs) on the same modules."""
+    """The same step without DeepSpeed: torch AdamW (fused on GPUs) on the same modules, fp32
+    weights under bf16 autocast (PyTorch's own mixed precision; DeepSpeed keeps bf16 weights and
+    fp32 master copies in its optimizer)."""
     from dbot_ds.accel import adamw
     from dbot_ds.engine import param_groups
 
@@ -108,6 +111,12 @@ def phase_breakdown(eng, teacher, imgs, cfg, device, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def reset_peak_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -120,14 +129,15 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     from dbot_ds.data import batch_to_device
     from dbot_ds.stages import fresh_student
     from dbot_ds.teacher import Teacher, random_encoder
-    from dbot_ds.train import fast_paths, train_micro_step
+    from dbot_ds.train import compile_student, fast_paths, train_micro_step
 
+    reset_peak_memory(device)
     ds = resolve_ds_config(cfg, 1)
     dtype = torch.bfloat16 if uses_bf16(ds) else torch.float32
     arch = cfg.model.encoder_arch()
     teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
     eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
-    fast_paths(cfg, teacher, eng, device, dtype)
+    fast_paths(cfg, teacher, eng.module, device, dtype)
     imgs_u8 = torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
                             dtype=torch.uint8, device=device)
     timer = Timer(device)
@@ -143,6 +153,8 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     ds_step = lambda: train_micro_step(eng, teacher, imgs_u8, cfg, device, dtype)
     if compare_plain:
         plain_student = fresh_student(cfg, 1, arch.width).to(device)
+        if cfg.compile:  # the same kernels in both loops
+            compile_student(cfg, plain_student, device, dtype)
         plain = plain_step_fn(plain_student, teacher, cfg, device, dtype)
         plain_step = lambda: plain(batch_to_device(imgs_u8, device, dtype, arch.img_size))
     ds_times, plain_times = [], []
@@ -150,6 +162,12 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         ds_times.append(timed(ds_step, steps))
         if compare_plain:
             plain_times.append(timed(plain_step, steps))
+    if compare_plain:  # the plain loop's weights and optimizer state must not count below
+        del plain_step, plain, plain_student
+        gc.collect()
+    reset_peak_memory(device)
+    breakdown = phase_breakdown(eng, teacher, batch_to_device(imgs_u8, device, dtype, arch.img_size),
+                                cfg, device, max(2, steps // 2))
     step_s = statistics.median(ds_times)
     flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
     ips = cfg.batch.micro_batch / step_s
@@ -161,9 +179,8 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         "images_per_s": ips,
         "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
-        "breakdown_s": phase_breakdown(eng, teacher, batch_to_device(imgs_u8, device, dtype, arch.img_size),
-                                       cfg, device, max(2, steps // 2)),
-        "peak_memory_gb": peak_memory_gb(device),
+        "breakdown_s": breakdown,
+        "peak_memory_gb": peak_memory_gb(device),  # the DeepSpeed step's (and teacher's) alone
     }
     if compare_plain:
         result["plain_step_s"] = statistics.median(plain_times)
@@ -204,7 +221,9 @@ def main(args) -> int:
                               [int(z) for z in args.zero.split(",")], args.compile.split(","),
                               [g == "on" for g in args.teacher_graph.split(",")])
     for size, micro, zero, comp, graph in sweep:
-        cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, graph, args.img_size, bf16, args.set)
+        # DeepSpeed refuses bf16 without ZeRO (ds_config.py): ZeRO-0 runs in fp32, labelled so
+        cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, graph, args.img_size,
+                           bf16 and zero > 0, args.set)
         loader = None
         if args.data == "shards":
             from dbot_ds.data import build_data

@@ -118,10 +118,10 @@ def evaluate(eng, manifest: str, size: int, device, dtype, rank: int, world: int
     counts = torch.zeros(3, device=device)  # top1, top5, n
     for imgs, labels in labelled_loader(manifest, size, batch=128, workers=workers, rank=rank, world=world):
         logits = eng(normalize_on_device(imgs, device, dtype)).float()
-        labels = labels.to(device)
+        labels = labels.to(device, non_blocking=True)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         counts += torch.stack([(top[:, 0] == labels).sum(), (top == labels[:, None]).any(1).sum(),
-                               torch.tensor(len(labels), device=device)]).float()
+                               torch.full((), len(labels), device=device)]).float()  # a fill, not a host copy
     if dist.is_initialized():
         dist.all_reduce(counts)
     eng.train()

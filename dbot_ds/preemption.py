@@ -51,7 +51,7 @@ class StopSignal:
             done, host = self.pending
             done.synchronize()  # recorded a poll interval ago: long finished, no stall
             decided = bool(host.item())
-        flag = torch.tensor([int(self.local())], device=self.device)
+        flag = torch.full((1,), int(self.local()), device=self.device)  # a fill: no blocking host copy
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # enqueued on the stream; the host does not wait
         if flag.is_cuda:
             host = torch.empty(1, dtype=flag.dtype, pin_memory=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm import tqdm
 
 from dbot_ds import checkpoint, engine as ds_engine
@@ -148,21 +149,29 @@ def start_stage(run: Run, stage: int, checked_teacher=None):
     if run.ema:
         teacher = ema_teacher(cfg, student, uses_bf16(run.ds_config)).to(run.device)
     eng = ds_engine.build_engine(student, cfg, run.ds_config, run.device)
-    fast_paths(cfg, teacher, eng, run.device, run.dtype)
+    fast_paths(cfg, teacher, eng.module, run.device, run.dtype)
     return teacher, eng
 
 
-def fast_paths(cfg: RunConfig, teacher: Teacher, eng, device: torch.device, dtype: torch.dtype) -> None:
-    """torch.compile student and teacher in place when cfg.compile names a backend; then the
-    teacher's CUDA graphs when cfg.cuda_graph_teacher (captured at its first call)."""
+def fast_paths(cfg: RunConfig, teacher: Teacher, student: nn.Module, device: torch.device,
+               dtype: torch.dtype) -> None:
+    """torch.compile student and teacher in place when cfg.compile names a backend (warmed up at
+    the training batch shapes); then the teacher's CUDA graphs when cfg.cuda_graph_teacher
+    (captured at its first call)."""
     if cfg.compile:
-        size = teacher.arch.img_size
-        try_compile(teacher.encoder, cfg.compile, torch.zeros(2, 3, size, size, device=device, dtype=teacher.dtype))
-        imgs = torch.zeros(2, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
-        masks = random_masking(2, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
-        try_compile(eng.module, cfg.compile, imgs, masks)
+        micro, size = cfg.batch.micro_batch, teacher.arch.img_size
+        with torch.inference_mode():
+            try_compile(teacher.encoder, cfg.compile, torch.zeros(micro, 3, size, size, device=device, dtype=teacher.dtype))
+        compile_student(cfg, student, device, dtype)
     if cfg.cuda_graph_teacher:
         teacher.use_cuda_graphs()
+
+
+def compile_student(cfg: RunConfig, student: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
+    n = cfg.batch.micro_batch * cfg.mask.per_image
+    imgs = torch.zeros(n, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
+    masks = random_masking(n, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
+    return try_compile(student, cfg.compile, imgs, masks)
 
 
 def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:

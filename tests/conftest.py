@@ -1,4 +1,6 @@
+import contextlib
 import os
+import warnings
 
 # The suite specifies the CPU behaviour CI checks, also on a GPU machine: it hides the GPU.
 # tests/test_gpu.py holds the GPU-only checks: DBOT_TEST_GPU=1 pytest tests/test_gpu.py
@@ -28,6 +30,16 @@ def subprocess_env() -> dict:
     """The environment for a child launcher: without this process's rendezvous variables."""
     drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
     return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+@contextlib.contextmanager
+def no_eager_fallback():
+    """Fails if a compile or CUDA-graph switch fell back to eager (its warning says so)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    fallbacks = [str(w.message) for w in caught if "running eagerly" in str(w.message)]
+    assert not fallbacks, fallbacks
 
 
 def tiny_config(*overrides: str) -> RunConfig:

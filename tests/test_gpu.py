@@ -7,11 +7,10 @@ the benchmark's GPU paths. Skipped without CUDA; on a GPU machine:
 """
 
 import json
-import warnings
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import no_eager_fallback, tiny_config
 from imagegen import solid_index
 from test_shard_loader import read_epoch, stream, write_shards
 from torch.utils.data import DataLoader
@@ -90,8 +89,7 @@ def test_nvjpeg_decode_gives_the_samples_of_the_cpu_path(tmp_path):
 @pytest.mark.parametrize("fast", [[], ["cuda_graph_teacher=true", "compile=inductor"]], ids=["eager", "graph+inductor"])
 def test_a_bf16_two_stage_run_on_the_gpu(process_group, tmp_path, fast):
     from dbot_ds.train import pretrain
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # no eager fallback expected on a GPU
+    with no_eager_fallback():
         exports = pretrain(tiny_config("deepspeed=bench_zero1_bf16", *fast), tmp_path)
     assert len(exports) == 2
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -100,8 +98,7 @@ def test_a_bf16_two_stage_run_on_the_gpu(process_group, tmp_path, fast):
 
 def test_the_benchmark_on_the_gpu_uses_bf16_device_events_and_the_datasheet_peak(process_group, tmp_path):
     out = tmp_path / "bench.json"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+    with no_eager_fallback():
         assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "8", "--steps", "3",
                      "--warmup", "2", "--repeats", "1", "--teacher-graph", "off,on", "--json", str(out),
                      *TINY_DECODER]) == 0

@@ -106,3 +106,22 @@ def test_shard_training_resumes_mid_epoch_exactly_with_two_workers(process_group
     assert _shas(tmp_path / "resumed") == _shas(tmp_path / "straight")
     manifest = json.loads((tmp_path / "straight" / "data" / "shards" / "manifest.json").read_text())
     assert manifest["total"] == 80
+
+
+def test_a_bf16_run_accumulates_gradients_in_fp32_and_resumes_exactly(process_group, tmp_path):
+    """The shipped bf16 config (ZeRO-1, grad_accum_dtype fp32: DeepSpeed's BF16_Optimizer), with
+    gradient accumulation 2: stop mid-stage 1, resume, same exports as a straight run."""
+    import torch
+
+    from dbot_ds import engine
+    from dbot_ds.ds_config import resolve_ds_config
+    from dbot_ds.stages import fresh_student
+
+    cfg = tiny_config("deepspeed=vit_base")
+    eng = engine.build_engine(fresh_student(cfg, 1, 32), cfg, resolve_ds_config(cfg, 1), torch.device("cpu"))
+    assert eng.get_data_types() == (torch.bfloat16, torch.float32)
+    eng.destroy()
+    pretrain(cfg, tmp_path / "straight")
+    pretrain(tiny_config("deepspeed=vit_base", "stop_at_step=6"), tmp_path / "resumed")
+    pretrain(cfg, tmp_path / "resumed", resume="auto")
+    assert _shas(tmp_path / "resumed") == _shas(tmp_path / "straight")

@@ -138,3 +138,19 @@ def test_the_device_prefetcher_passes_batches_through_unchanged_on_cpu(uneven):
     ds.set_position(0, 0)
     prefetched = list(DevicePrefetcher(DataLoader(ds, batch_size=4), torch.device("cpu")))
     assert len(direct) == len(prefetched) and all(torch.equal(a, b) for a, b in zip(direct, prefetched))
+
+
+def test_the_device_decode_path_refuses_cmyk_jpegs_as_bad_samples():
+    """nvJPEG reads YCbCr and gray: a CMYK JPEG fails in the worker, where it is counted as bad."""
+    import random
+
+    import numpy as np
+    import simplejpeg
+
+    from dbot_ds.data.device_decode import jpeg_sample
+
+    cmyk = simplejpeg.encode_jpeg(np.zeros((8, 8, 4), np.uint8), colorspace="CMYK")
+    with pytest.raises(ValueError, match="YCCK JPEG: the device decoder reads YCbCr and gray only"):
+        jpeg_sample(cmyk, (0.5, 1.0), True, random.Random(0))
+    gray = simplejpeg.encode_jpeg(np.zeros((8, 8, 1), np.uint8), colorspace="GRAY")
+    assert jpeg_sample(gray, (0.5, 1.0), True, random.Random(0))[1].shape == (4,)

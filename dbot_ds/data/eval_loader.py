@@ -46,4 +46,5 @@ class LabelledShards(IterableDataset):
 
 def labelled_loader(manifest_path: str, size: int, batch: int = 256, workers: int = 4,
                     rank: int = 0, world: int = 1) -> DataLoader:
-    return DataLoader(LabelledShards(manifest_path, size, rank, world), batch_size=batch, num_workers=workers)
+    return DataLoader(LabelledShards(manifest_path, size, rank, world), batch_size=batch, num_workers=workers,
+                      pin_memory=torch.cuda.is_available())
