@@ -79,6 +79,27 @@ def cmd_digits(args) -> int:
     return 0
 
 
+def cmd_synthetic(args) -> int:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from data_tools import sources
+    from data_tools.convert import convert
+    from dbot_ds.bench_data import write_natural_imagefolder
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workers = args.workers or os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        write_natural_imagefolder(Path(tmp), args.images, args.seed, workers)
+        items, classes = sources.imagefolder(tmp)
+        manifest = convert(items, classes, out, seed=args.seed, shard_size=args.shard_size,
+                           resize_short_side=args.resize_short_side, workers=workers, progress=False)
+    print(f"{len(manifest.shards)} shards, {manifest.total} generated samples -> {out}/manifest.json")
+    return 0
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("convert", help="images -> WebDataset shards + manifest.json (resumable)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -109,6 +130,16 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--size", type=int, default=40, help="side of the upscaled images")
     p.set_defaults(func=cmd_digits)
+
+    p = sub.add_parser("synthetic", help="generated ImageNet-like JPEGs (500x375, ~100 KB) as shards: "
+                       "end-to-end benchmarks without ImageNet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=10000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
+    p.add_argument("--resize-short-side", type=int, help="write pre-resized shards (e.g. 256)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    p.set_defaults(func=cmd_synthetic)
 
     p = sub.add_parser("index", help="a manifest for existing shards (e.g. timm/imagenet-1k-wds)")
     p.add_argument("shards", nargs="+", help="shard paths or glob patterns")

@@ -238,6 +238,8 @@ def main(args) -> int:
             loader = DevicePrefetcher(loader, device)  # as in training
         r = run_case(cfg, device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak=peak,
                      compare_plain=not args.no_plain, data_loader=loader)
+        if loader is not None:
+            r["end_to_end"].update(decode=args.decode, workers=args.workers)
         results.append(r)
         print(format_row(r), flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -245,6 +247,8 @@ def main(args) -> int:
               "date": time.strftime("%Y-%m-%d")}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        print(markdown_table(results))
     return 0
 
 
@@ -259,9 +263,26 @@ def format_row(r: dict) -> str:
         parts.append(f"  DeepSpeed step / plain PyTorch step: {r['deepspeed_over_plain']:.3f}")
     if "end_to_end" in r:
         e = r["end_to_end"]
-        parts.append(f"  end-to-end with shards: {e['images_per_s']:.1f} img/s = {e['of_synthetic']:.2f} x synthetic, "
+        parts.append(f"  end-to-end with shards ({e.get('decode', 'cpu')} decode): {e['images_per_s']:.1f} img/s = "
+                     f"{e['of_synthetic']:.2f} x synthetic, "
                      f"data wait {e['data_wait_s_per_step']:.4f} s/step")
     return "\n".join(parts)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The rows BENCHMARKS.md keeps, one per result."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    lines = ["| model | img | micro | ZeRO | dtype | compile | teacher graph | images/s | TFLOP/s | MFU "
+             "| DeepSpeed / plain | end-to-end / synthetic | peak GB |", "|" + " --- |" * 13]
+    for r in results:
+        e2e = r.get("end_to_end")
+        e2e = f"{e2e['of_synthetic']:.2f} ({e2e['decode']} decode)" if e2e else "-"
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['size']} | {r['img_size']} | {r['micro_batch']} | {r['zero_stage']} | "
+                     f"{'bf16' if r['bf16'] else 'fp32'} | {r['compile']} | {'on' if r['teacher_cuda_graph'] else 'off'} | "
+                     f"{r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | "
+                     f"{fmt(r.get('deepspeed_over_plain'), '.3f')} | {e2e} | {r['peak_memory_gb']:.1f} |")
+    return "\n".join(lines)
 
 
 def add_parser(sub) -> None:
@@ -284,4 +305,5 @@ def add_parser(sub) -> None:
     p.add_argument("--decode", choices=["cpu", "device"], default="cpu")
     p.add_argument("--set", action="append", default=[], help="extra run-config overrides")
     p.add_argument("--json", help="write all results here")
+    p.add_argument("--markdown", action="store_true", help="end with the results as a markdown table")
     p.set_defaults(func=main)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -43,15 +44,30 @@ def natural_like_jpeg(rng: np.random.Generator, size=(500, 375)) -> bytes:
     return out.getvalue()
 
 
+def _write_natural(job: tuple[Path, int, int]) -> None:
+    root, i, seed = job
+    jpeg = natural_like_jpeg(np.random.default_rng([seed, i]))  # image i is the same whoever writes it
+    (root / f"n{i % 10:08d}" / f"img_{i:06d}.JPEG").write_bytes(jpeg)
+
+
+def write_natural_imagefolder(root: Path, n: int, seed: int = 0, workers: int = 1) -> None:
+    """n ImageNet-like JPEGs in 10 class folders root/n0000000k/ (about 10 ms each per core)."""
+    for c in range(min(10, n)):
+        (root / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
+    jobs = [(root, i, seed) for i in range(n)]
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_write_natural, jobs, chunksize=64)
+    else:
+        for job in jobs:
+            _write_natural(job)
+
+
 def make_sets(work: Path, n: int, seed: int) -> tuple[Path, Path]:
     from data_tools.convert import convert
     from data_tools.sources import imagefolder
 
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        folder = work / "images" / f"n{i % 10:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"img_{i:06d}.JPEG").write_bytes(natural_like_jpeg(rng))
+    write_natural_imagefolder(work / "images", n, seed)
     items, classes = imagefolder(work / "images")
     convert(items, classes, work / "full", shard_size=100, progress=False)
     convert(items, classes, work / "resized", shard_size=100, resize_short_side=256, progress=False)

@@ -35,7 +35,7 @@ def test_bench_end_to_end_with_real_shards(tmp_path, process_group, capsys):
                  "--warmup", "1", "--repeats", "1", "--no-plain", "--data", "shards", "--shards", str(manifest),
                  "--workers", "0", "--json", str(tmp_path / "b.json"), *TINY_DECODER]) == 0
     e2e = json.loads((tmp_path / "b.json").read_text())["results"][0]["end_to_end"]
-    assert e2e["images_per_s"] > 0 and e2e["of_synthetic"] > 0
+    assert e2e["images_per_s"] > 0 and e2e["of_synthetic"] > 0 and e2e["decode"] == "cpu"
 
 
 def test_compile_switch_compiles_or_falls_back_to_eager():
@@ -79,3 +79,11 @@ def test_bench_sweeps_the_teacher_graph_switch(tmp_path, process_group):
     results = json.loads(out.read_text())["results"]
     assert len(results) == 2  # on CPU the "on" case ran eagerly, and says so
     assert [r["teacher_cuda_graph"] for r in results] == [False, False]
+
+
+def test_bench_ends_with_a_markdown_table_row_per_result(process_group, capsys):
+    assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--zero", "1,2", "--steps", "1",
+                 "--warmup", "1", "--repeats", "1", "--markdown", *TINY_DECODER]) == 0
+    table = capsys.readouterr().out.split("| model |")[1].splitlines()[2:]
+    assert [row.split(" | ")[:4] for row in table] == [["| tiny_test", "32", "4", "1"], ["| tiny_test", "32", "4", "2"]]
+    assert all(row.split(" | ")[9] == "-" for row in table)  # no MFU without a known peak

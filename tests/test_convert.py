@@ -135,3 +135,15 @@ def test_cli_convert_from_the_tar(tree, tmp_path, capsys):
                         "--shard-bytes", "20kb", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "18 samples, 3 classes" in out and "unreadable: 1" in out and "n02102040_broken" in out
+
+
+def test_synthetic_imagenet_like_shards_are_reproducible_whatever_the_worker_count(tmp_path):
+    """`dbot-ds shards synthetic`: end-to-end benchmark data without ImageNet."""
+    for workers in ("1", "2"):
+        assert shards_main(["synthetic", "--out", str(tmp_path / workers), "--images", "24",
+                            "--shard-size", "10", "--workers", workers]) == 0
+    one, two = (read_manifest(tmp_path / w / "manifest.json") for w in ("1", "2"))
+    assert one.total == 24 and len(one.shards) == 3 and verify(tmp_path / "1" / "manifest.json") == []
+    assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
+    sample = next(iter_shard_samples(str(tmp_path / "1" / one.shards[0].name)))
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (500, 375) and len(sample["jpg"]) > 30_000
