@@ -137,9 +137,15 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     arch = cfg.model.encoder_arch()
     teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
     eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
-    fast_paths(cfg, teacher, eng.module, device, dtype)
     imgs_u8 = torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
                             dtype=torch.uint8, device=device)
+    ds_step = lambda: train_micro_step(eng, teacher, imgs_u8, cfg, device, dtype)
+    t = time.perf_counter()
+    fast_paths(cfg, teacher, eng.module, device, dtype)
+    ds_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_step_s = time.perf_counter() - t  # with compile: compiling, with graphs: capturing
     timer = Timer(device)
 
     def timed(step_fn, n):
@@ -150,7 +156,6 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
             step_fn()
         return timer.elapsed() / n
 
-    ds_step = lambda: train_micro_step(eng, teacher, imgs_u8, cfg, device, dtype)
     if compare_plain:
         plain_student = fresh_student(cfg, 1, arch.width).to(device)
         if cfg.compile:  # the same kernels in both loops
@@ -175,7 +180,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
         "zero_stage": ds["zero_optimization"]["stage"], "bf16": dtype == torch.bfloat16,
         "compile": cfg.compile or "off", "teacher_cuda_graph": teacher.graphed is not None,
-        "masks_per_image": cfg.mask.per_image, "step_s": step_s,
+        "masks_per_image": cfg.mask.per_image, "first_step_s": first_step_s, "step_s": step_s,
         "images_per_s": ips,
         "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
@@ -257,7 +262,8 @@ def format_row(r: dict) -> str:
     parts = [f"{r['size']} img{r['img_size']} micro {r['micro_batch']} zero{r['zero_stage']} "
              f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']} teacher-graph="
              f"{'on' if r['teacher_cuda_graph'] else 'off'}: {r['images_per_s']:.1f} img/s, "
-             f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB"]
+             f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB, "
+             f"first step {r['first_step_s']:.1f} s"]
     parts.append("  breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
     if "deepspeed_over_plain" in r:
         parts.append(f"  DeepSpeed step / plain PyTorch step: {r['deepspeed_over_plain']:.3f}")
