@@ -15,6 +15,7 @@ from imagegen import solid_index
 from test_shard_loader import read_epoch, stream, write_shards
 from torch.utils.data import DataLoader
 
+from dbot_ds.bench import device_peak
 from dbot_ds.cli import main
 from dbot_ds.models import vit_arch
 from dbot_ds.teacher import Teacher, random_encoder
@@ -103,7 +104,9 @@ def test_the_benchmark_on_the_gpu_uses_bf16_device_events_and_the_datasheet_peak
                      "--warmup", "2", "--repeats", "1", "--teacher-graph", "off,on", "--json", str(out),
                      *TINY_DECODER]) == 0
     report = json.loads(out.read_text())
-    assert report["peak_tflops"] in (989.0, 312.0), report["device"]  # H100/H200 or A100
+    peak = device_peak(CUDA, None)  # H100/H200 989, A100 312; None for other GPUs (no MFU)
+    assert report["peak_tflops"] == peak and report["device"] == torch.cuda.get_device_name()
     assert [r["teacher_cuda_graph"] for r in report["results"]] == [False, True]
     for r in report["results"]:
-        assert r["bf16"] and 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0 and r["deepspeed_over_plain"] > 0
+        assert r["bf16"] and r["peak_memory_gb"] > 0 and r["deepspeed_over_plain"] > 0
+        assert (0 < r["mfu"] < 1) if peak else r["mfu"] is None
