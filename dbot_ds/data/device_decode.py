@@ -71,13 +71,13 @@ def decode_on_device(data: list[torch.Tensor], device: torch.device) -> list[tor
 
 
 def decode_batch(batch: JpegBatch, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """-> normalised [B, 3, size, size] on device."""
+    """-> normalised [B, 3, size, size] on device. Per image only the crop's resize (images differ
+    in size); rounding (as the CPU path's uint8), flips and normalisation run once per batch."""
     images = decode_on_device(batch.data, device)
-    out = torch.empty(len(images), 3, size, size, dtype=torch.uint8, device=device)
-    for i, (img, (top, left, h, w)) in enumerate(zip(images, batch.boxes.tolist())):
-        crop = img[:, top:top + h, left:left + w].unsqueeze(0).float()
-        crop = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[i] = crop.round_().clamp_(0, 255).to(torch.uint8)[0]
+    crops = [F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
+                           mode="bilinear", antialias=True, align_corners=False)
+             for img, (top, left, h, w) in zip(images, batch.boxes.tolist())]
+    out = torch.cat(crops).round_().clamp_(0, 255)  # [B, 3, size, size], whole numbers
     flips = batch.flips.to(device, non_blocking=True)
     out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
     return normalize_on_device(out, device, dtype)

@@ -84,7 +84,7 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalize_on_device(imgs_u8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (pinned) -> normalised [B, 3, H, W] in dtype on device."""
+    """uint8 [B, 3, H, W] (pinned; or whole-number floats) -> normalised [B, 3, H, W] in dtype on device."""
     mean, std = _mean_std(torch.device(device))
     x = imgs_u8.to(device, non_blocking=True).float()
     return x.sub_(mean).div_(std).to(dtype)
