@@ -239,6 +239,11 @@ def main(args) -> int:
                                                  "deepspeed=cpu_demo", *args.set])
             from dbot_ds.data.prefetch import DevicePrefetcher
             loader, position = build_data(shard_cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
+            needed = args.warmup + args.steps
+            if position.steps_per_epoch < needed:
+                raise SystemExit(f"--shards {args.shards}: one epoch holds {position.steps_per_epoch} batches of "
+                                 f"{micro}, the end-to-end run reads {needed} (--warmup + --steps): use more "
+                                 f"images (dbot-ds shards synthetic --images {needed * micro}) or fewer --steps")
             position.set_position(0, 0)
             loader = DevicePrefetcher(loader, device)  # as in training
         r = run_case(cfg, device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak=peak,

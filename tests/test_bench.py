@@ -87,3 +87,11 @@ def test_bench_ends_with_a_markdown_table_row_per_result(process_group, capsys):
     table = capsys.readouterr().out.split("| model |")[1].splitlines()[2:]
     assert [row.split(" | ")[:4] for row in table] == [["| tiny_test", "32", "4", "1"], ["| tiny_test", "32", "4", "2"]]
     assert all(row.split(" | ")[9] == "-" for row in table)  # no MFU without a known peak
+
+
+def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp_path, process_group):
+    from test_shard_loader import write_shards
+    manifest = write_shards(tmp_path / "shards", [10, 10])  # 5 batches of 4
+    with pytest.raises(SystemExit, match="one epoch holds 5 batches of 4, the end-to-end run reads 7"):
+        main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "5", "--warmup", "2",
+              "--no-plain", "--data", "shards", "--shards", str(manifest), "--workers", "0", *TINY_DECODER])

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: DBOT_TEST_GPU=1 pytest tests/test_gpu.py")
 
 CUDA = torch.device("cuda")
+BF16 = dict(atol=2e-2, rtol=2e-2)  # bf16 compute, unit-variance targets; a stale graph is O(1) off
 TINY_DECODER = ["--set", "model.decoder_width=32", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
 
 
@@ -38,11 +39,11 @@ def test_a_cuda_graph_teacher_gives_the_eager_targets_and_copies_them_out():
     assert teacher.use_cuda_graphs()
     graphed = [teacher.targets(x) for x in imgs]  # captured at the first call, replayed after
     for g, e in zip(graphed, eager):  # compared after all replays: earlier targets not overwritten
-        torch.testing.assert_close(g, e)
+        torch.testing.assert_close(g, e, **BF16)
     assert len(teacher.graphed.graphs) == 1
     odd = torch.randn(4, 3, 32, 32, device=CUDA)  # another shape: its own graph
     teacher_eager = tiny_teacher(dtype=torch.bfloat16)
-    torch.testing.assert_close(teacher.targets(odd), teacher_eager.targets(odd))
+    torch.testing.assert_close(teacher.targets(odd), teacher_eager.targets(odd), **BF16)
     assert len(teacher.graphed.graphs) == 2
 
 
@@ -56,7 +57,7 @@ def test_a_cuda_graph_ema_teacher_sees_its_weights_change_in_place():
             p.mul_(0.5).add_(torch.randn_like(p), alpha=0.5)
     after = teacher.targets(x)
     teacher.graphed = None  # eager from here
-    torch.testing.assert_close(after, teacher.targets(x))
+    torch.testing.assert_close(after, teacher.targets(x), **BF16)
     assert not torch.allclose(after, before, atol=1e-2)
 
 
