@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one run on one GPU (about 8 minutes on an H100/H200):
 #   1. tests/test_gpu.py (CUDA-graph teacher, prefetch, nvJPEG decode, bf16 runs, bench paths);
-#   2. `dbot-ds bench` for each model: bf16, ZeRO-1, teacher CUDA graph off/on, DeepSpeed step vs
-#      a plain PyTorch loop (interleaved), then compile=inductor for the first model;
+#   2. `dbot-ds bench` for each model: bf16, ZeRO-1 (and 2 for the first), teacher CUDA graph
+#      off/on, DeepSpeed step vs a plain PyTorch loop (interleaved), host synchronisations per
+#      step; then compile=inductor for the first model;
 #   3. end to end with generated ImageNet-like shards (500x375 JPEGs): CPU decode for every
 #      model, device decode for the first.
 # Writes OUT_DIR/{env.txt, gpu_tests.log, report.log, report.json, report.md}.
@@ -26,7 +27,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 failed=0
 step() { echo "== $(date -u +%H:%M:%S) $*"; }
 run() { "$@" || { echo "!! failed ($?): $*"; failed=1; }; }
-bench() { python3 -m dbot_ds bench --img-size "$IMG" --steps "$STEPS" --zero 1 "$@"; }
+bench() { python3 -m dbot_ds bench --img-size "$IMG" --steps "$STEPS" "$@"; }
 # tiny sizes get a small decoder too (the smoke run)
 extra=(); [[ $CASES == tiny_test* ]] && extra=(--set model.decoder_width=32 --set model.decoder_depth=1 --set model.decoder_heads=2)
 
@@ -44,15 +45,18 @@ cat "$out/env.txt"
 step "GPU tests"
 run env DBOT_TEST_GPU=1 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 
+first=${CASES%% *}
 for case in $CASES; do
-  size=${case%:*} micro=${case#*:}
-  step "$size, micro-batch $micro: teacher graph off/on, DeepSpeed vs plain"
-  run bench --sizes "$size" --micro "$micro" --teacher-graph off,on --json "$work/json/1_$size.json" "${extra[@]}"
+  size=${case%:*} micro=${case#*:} zero=1
+  [[ $case == "$first" ]] && zero=1,2   # BF16_Optimizer (ZeRO-1) against the ZeRO-2 optimizer
+  step "$size, micro-batch $micro, ZeRO $zero: teacher graph off/on, DeepSpeed vs plain"
+  run bench --sizes "$size" --micro "$micro" --zero "$zero" --teacher-graph off,on \
+      --json "$work/json/1_$size.json" "${extra[@]}"
 done
 
-first=${CASES%% *} && size=${first%:*} micro=${first#*:}
+size=${first%:*} micro=${first#*:}
 step "$size, micro-batch $micro: compile=inductor"
-run bench --sizes "$size" --micro "$micro" --compile inductor --teacher-graph off,on \
+run bench --sizes "$size" --micro "$micro" --zero 1 --compile inductor --teacher-graph off,on \
     --json "$work/json/2_${size}_inductor.json" "${extra[@]}"
 
 step "generating $E2E_IMAGES ImageNet-like JPEGs as shards"
@@ -62,7 +66,7 @@ for case in $CASES; do
   for decode in cpu device; do
     [[ $decode == device && $case != "$first" ]] && continue
     step "$size end to end, $decode decode, $WORKERS workers"
-    run bench --sizes "$size" --micro "$micro" --no-plain --data shards --shards "$work/shards/manifest.json" \
+    run bench --sizes "$size" --micro "$micro" --zero 1 --no-plain --data shards --shards "$work/shards/manifest.json" \
         --workers "$WORKERS" --decode "$decode" --json "$work/json/3_${size}_$decode.json" "${extra[@]}"
   done
 done

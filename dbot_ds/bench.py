@@ -16,6 +16,7 @@ import json
 import resource
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,6 +112,21 @@ def phase_breakdown(eng, teacher, imgs, cfg, device, steps: int) -> dict:
     return {k: statistics.median(v) for k, v in phases.items()}
 
 
+def host_syncs(step_fn, device) -> int | None:
+    """Synchronising CUDA calls (.item(), blocking copies, stream syncs) in one call of step_fn,
+    counted with torch's sync debug mode; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
 def reset_peak_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -167,6 +183,9 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         ds_times.append(timed(ds_step, steps))
         if compare_plain:
             plain_times.append(timed(plain_step, steps))
+    syncs = {"deepspeed": host_syncs(ds_step, device)}
+    if compare_plain:
+        syncs["plain"] = host_syncs(plain_step, device)
     if compare_plain:  # the plain loop's weights and optimizer state must not count below
         del plain_step, plain, plain_student
         gc.collect()
@@ -185,6 +204,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         "gflop_per_image": flops.total / 1e9, "tflops": ips * flops.total / 1e12,
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
         "breakdown_s": breakdown,
+        "host_syncs_per_step": syncs,
         "peak_memory_gb": peak_memory_gb(device),  # the DeepSpeed step's (and teacher's) alone
     }
     if compare_plain:
@@ -272,6 +292,8 @@ def format_row(r: dict) -> str:
     parts.append("  breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
     if "deepspeed_over_plain" in r:
         parts.append(f"  DeepSpeed step / plain PyTorch step: {r['deepspeed_over_plain']:.3f}")
+    if r["host_syncs_per_step"]["deepspeed"] is not None:
+        parts.append("  host synchronisations per step: " + ", ".join(f"{k} {v}" for k, v in r["host_syncs_per_step"].items()))
     if "end_to_end" in r:
         e = r["end_to_end"]
         parts.append(f"  end-to-end with shards ({e.get('decode', 'cpu')} decode): {e['images_per_s']:.1f} img/s = "
@@ -284,15 +306,16 @@ def markdown_table(results: list[dict]) -> str:
     """The rows BENCHMARKS.md keeps, one per result."""
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     lines = ["| model | img | micro | ZeRO | dtype | compile | teacher graph | images/s | TFLOP/s | MFU "
-             "| DeepSpeed / plain | end-to-end / synthetic | peak GB |", "|" + " --- |" * 13]
+             "| DeepSpeed / plain | host syncs / step | end-to-end / synthetic | peak GB |", "|" + " --- |" * 14]
     for r in results:
         e2e = r.get("end_to_end")
         e2e = f"{e2e['of_synthetic']:.2f} ({e2e['decode']} decode)" if e2e else "-"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        syncs = " / ".join("-" if v is None else str(v) for v in r["host_syncs_per_step"].values())
         lines.append(f"| {r['size']} | {r['img_size']} | {r['micro_batch']} | {r['zero_stage']} | "
                      f"{'bf16' if r['bf16'] else 'fp32'} | {r['compile']} | {'on' if r['teacher_cuda_graph'] else 'off'} | "
                      f"{r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | "
-                     f"{fmt(r.get('deepspeed_over_plain'), '.3f')} | {e2e} | {r['peak_memory_gb']:.1f} |")
+                     f"{fmt(r.get('deepspeed_over_plain'), '.3f')} | {syncs} | {e2e} | {r['peak_memory_gb']:.1f} |")
     return "\n".join(lines)
 
 

@@ -87,6 +87,7 @@ def test_bench_ends_with_a_markdown_table_row_per_result(process_group, capsys):
     table = capsys.readouterr().out.split("| model |")[1].splitlines()[2:]
     assert [row.split(" | ")[:4] for row in table] == [["| tiny_test", "32", "4", "1"], ["| tiny_test", "32", "4", "2"]]
     assert all(row.split(" | ")[9] == "-" for row in table)  # no MFU without a known peak
+    assert all(row.split(" | ")[11] == "- / -" for row in table)  # syncs are counted on CUDA only
 
 
 def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp_path, process_group):
