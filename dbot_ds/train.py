@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.export import ExportError, read_export, write_export
 from dbot_ds.losses import masked_distill_loss
 from dbot_ds.masking import random_masking
-from dbot_ds.metrics import MetricsLog
+from dbot_ds.metrics import LossWindow, MetricsLog
 from dbot_ds.schedule import ema_momentum_at, lr_at
 from dbot_ds.seeding import derive_seed
 from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir, export_meta,
@@ -229,17 +228,17 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
     total, spe = plan.steps(stage), plan.steps_per_epoch
     accum = run.ds_config["gradient_accumulation_steps"]
     warmup, peak = round(cfg.optim.warmup_epochs * spe), cfg.peak_lr()
-    loss_sum, loss_count, t_log, step_log = torch.zeros((), device=run.device), 0, time.time(), step
+    window = LossWindow(run.device, step)
     bar = tqdm(total=total, initial=step, desc=f"stage {stage}/{plan.num_stages}",
                disable=not world.is_main, dynamic_ncols=True)
     while step < total:
         epoch, in_epoch = divmod(step, spe)
         run.position.set_position(epoch, in_epoch)
         for i, imgs in enumerate(run.loader):
-            ds_engine.set_lr(eng, lr_at(step, total, warmup, peak, cfg.optim.min_lr))
+            lr = lr_at(step, total, warmup, peak, cfg.optim.min_lr)
+            ds_engine.set_lr(eng, lr)
             torch.manual_seed(derive_seed(cfg.seed, "step", stage, step, i % accum, world.rank))
-            loss_sum += train_micro_step(eng, teacher, imgs, cfg, run.device, run.dtype)
-            loss_count += 1
+            window.add(train_micro_step(eng, teacher, imgs, cfg, run.device, run.dtype))
             if (i + 1) % accum:
                 continue
             step += 1
@@ -248,8 +247,7 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
                     step, total, cfg.teacher.momentum, cfg.teacher.update == "ema_cosine"))
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
-                loss_sum, loss_count, t_log, step_log = log_metrics(
-                    run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak)
+                log_metrics(run, bar, stage, step, window, lr)
             if step % PREEMPT_POLL_EVERY == 0 and run.stop.poll():
                 run.preempted = True
             stopping = run.preempted or stop_requested(run, stage, step)
@@ -264,19 +262,13 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
     return step
 
 
-def log_metrics(run, bar, stage, step, loss_sum, loss_count, t_log, step_log, total, warmup, peak):
-    """Reduce the loss across ranks (the only host sync, once per log interval)."""
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-    loss = loss_sum.item() / (loss_count * run.world.size)
-    now = time.time()
+def log_metrics(run: Run, bar, stage: int, step: int, window: LossWindow, lr: float) -> None:
+    loss, steps_per_s = window.close(step, run.world.size)
     record = {"stage": stage, "epoch": step / run.plan.steps_per_epoch, "step": step,
-              "global_step": run.plan.global_step(stage, step), "loss": loss,
-              "lr": lr_at(step - 1, total, warmup, peak, run.cfg.optim.min_lr),
-              "images_per_s": (step - step_log) * run.cfg.batch.global_batch / max(now - t_log, 1e-9)}
+              "global_step": run.plan.global_step(stage, step), "loss": loss, "lr": lr,
+              "images_per_s": steps_per_s * run.cfg.batch.global_batch}
     run.log.log(record, record["global_step"])
-    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-    return torch.zeros((), device=run.device), 0, now, step
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
 
 def check_stage_start(cfg: RunConfig, out: Path, stage: int):
