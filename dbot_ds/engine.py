@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Callable
 
 import deepspeed
 import torch
@@ -53,18 +54,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(student: nn.Module, cfg: RunConfig, ds_config: dict, device: torch.device):
-    """A fresh engine and a fresh optimizer: nothing carries over from a previous stage."""
-    student.to(device)
-    fuse_layernorms(student)
-    opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
-    engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=ds_config)
+def initialize(model: nn.Module, ds_config: dict, device: torch.device, lr: float,
+               betas: tuple[float, float], groups: Callable[[nn.Module], list[dict]]):
+    """The one deepspeed.initialize: the model on its device (apex LayerNorms when importable),
+    AdamW (fused) over `groups(model)`."""
+    model.to(device)
+    fuse_layernorms(model)  # before the groups are made: it replaces LayerNorm parameters
+    opt = adamw(groups(model), lr, betas, device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine
 
 
+def build_engine(student: nn.Module, cfg: RunConfig, ds_config: dict, device: torch.device):
+    """A fresh engine and a fresh optimizer: nothing carries over from a previous stage."""
+    return initialize(student, ds_config, device, cfg.peak_lr(), cfg.optim.betas,
+                      lambda m: param_groups(m, cfg.optim.weight_decay))
+
+
 def set_lr(engine, lr: float) -> None:
+    """lr for every group, scaled by the group's lr_scale where it has one (layer decay)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def full_fp32_state(engine) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from dbot_ds.config import ConfigError, from_dict, parse_set, deep_merge
+from dbot_ds.config import ConfigError, deep_merge, from_dict, parse_set
 from dbot_ds.models import ViTArch
 from dbot_ds.seeding import derive_seed
 
@@ -134,10 +134,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     from timm.optim import param_groups_layer_decay
     from torch.utils.data import DataLoader
 
-    import deepspeed
-
     from dbot_ds import checkpoint
-    from dbot_ds.accel import adamw
+    from dbot_ds import engine as ds_engine
     from dbot_ds.data.shard_loader import ShardStream
     from dbot_ds.data.shards import read_manifest
     from dbot_ds.distributed import world_from_env
@@ -160,8 +158,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     drop_path = cfg.drop_path if cfg.drop_path is not None else (0.3 if arch.width >= 1280 else 0.2)
     torch.manual_seed(cfg.seed)
     model = build_classifier(meta, classes, drop_path).to(device)
-    groups = param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
-    eng, *_ = deepspeed.initialize(model=model, optimizer=adamw(groups, cfg.peak_lr(), cfg.betas, device), config=ds)
+    eng = ds_engine.initialize(model, ds, device, cfg.peak_lr(), cfg.betas, lambda m: param_groups_layer_decay(
+        m, cfg.weight_decay, m.no_weight_decay(), layer_decay=cfg.layer_decay))
     accum = ds["gradient_accumulation_steps"]
     stream = ShardStream(manifest=train_manifest, rank=world.rank, world=world.size, micro=cfg.micro_batch,
                          accum=accum, seed=cfg.seed, crop=arch.img_size, scale=(0.08, 1.0), hflip=True,
@@ -188,8 +186,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
         loss_sum = torch.zeros((), device=device)
         for i, (imgs, labels) in enumerate(loader):
             lr = lr_at(step, total, warmup, cfg.peak_lr(), cfg.min_lr)
-            for g in eng.optimizer.param_groups:
-                g["lr"] = lr * g.get("lr_scale", 1.0)
+            ds_engine.set_lr(eng, lr)
             seed_everything(derive_seed(cfg.seed, "finetune", step, i % accum))  # mixup, drop path: f(step)
             imgs, targets = mixup(imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             loss = loss_fn(eng(imgs.to(dtype)).float(), targets)
