@@ -21,7 +21,7 @@ STEPS=${STEPS:-20}
 E2E_IMAGES=${E2E_IMAGES:-8192}
 WORKERS=${WORKERS:-$(nproc)}
 work=${WORK:-$(mktemp -d /tmp/dbot-gpu-report.XXXX)}
-mkdir -p "$work/json"
+rm -rf "$work/json" && mkdir -p "$work/json"  # a reused WORK must not add old results
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 failed=0
@@ -51,13 +51,13 @@ for case in $CASES; do
   [[ $case == "$first" ]] && zero=1,2   # BF16_Optimizer (ZeRO-1) against the ZeRO-2 optimizer
   step "$size, micro-batch $micro, ZeRO $zero: teacher graph off/on, DeepSpeed vs plain"
   run bench --sizes "$size" --micro "$micro" --zero "$zero" --teacher-graph off,on \
-      --json "$work/json/1_$size.json" "${extra[@]}"
+      --json "$work/json/1_$size.json" ${extra[@]+"${extra[@]}"}
 done
 
 size=${first%:*} micro=${first#*:}
 step "$size, micro-batch $micro: compile=inductor"
 run bench --sizes "$size" --micro "$micro" --zero 1 --compile inductor --teacher-graph off,on \
-    --json "$work/json/2_${size}_inductor.json" "${extra[@]}"
+    --json "$work/json/2_${size}_inductor.json" ${extra[@]+"${extra[@]}"}
 
 step "generating $E2E_IMAGES ImageNet-like JPEGs as shards"
 run python3 -m dbot_ds shards synthetic --out "$work/shards" --images "$E2E_IMAGES" --workers "$WORKERS"
@@ -67,12 +67,12 @@ for case in $CASES; do
     [[ $decode == device && $case != "$first" ]] && continue
     step "$size end to end, $decode decode, $WORKERS workers"
     run bench --sizes "$size" --micro "$micro" --zero 1 --no-plain --data shards --shards "$work/shards/manifest.json" \
-        --workers "$WORKERS" --decode "$decode" --json "$work/json/3_${size}_$decode.json" "${extra[@]}"
+        --workers "$WORKERS" --decode "$decode" --json "$work/json/3_${size}_$decode.json" ${extra[@]+"${extra[@]}"}
   done
 done
 } 2>&1 | tee "$out/report.log"
 
-python3 - "$work/json" "$out" <<'EOF'
+python3 - "$work/json" "$out" <<'EOF' || failed=1
 import json, sys
 from pathlib import Path
 from dbot_ds.bench import markdown_table

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine without network whose Python already has torch, torchvision, numpy,
-# Pillow, scipy, tqdm, pytest (NVIDIA's and most cluster images do): everything else dbot-ds
-# needs, at the versions tested here. Run where pip reaches PyPI, carry DIR over, and there:
+# Pillow, scipy, tqdm, safetensors, tensorboard, psutil, packaging, ninja, pyyaml and pytest
+# (the lent H100/H200 image and most cluster images do): everything else dbot-ds needs, at the
+# versions tested here. Run where pip reaches PyPI, carry DIR over, and there:
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site DIR/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD      # then: python3 -m dbot_ds bench ...
 # Usage: bench/offline_wheels.sh DIR [PYTHON_VERSION (default 3.12)]

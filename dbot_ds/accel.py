@@ -46,22 +46,29 @@ def fuse_layernorms(module: nn.Module) -> int:
     return swapped
 
 
-def try_compile(module: nn.Module, backend: str, *example_inputs) -> bool:
+def try_compile(module: nn.Module, backend: str, *example_inputs, grad: bool = False) -> bool:
     """Compile `module`'s transformer blocks in place (the whole module if it has none; state_dict
-    names unchanged); if the backend is unavailable or fails on a first call with example inputs,
-    warn and stay eager. Returns whether it compiled.
+    names unchanged); if the backend is unavailable or fails on a first call with example inputs
+    (with autograd recording when `grad`, as in training), warn and stay eager. Returns whether
+    it compiled.
 
-    Per block, as torchtitan: identical blocks share one compiled graph, so compile time does not
-    grow with depth (ViT-B fwd+bwd with inductor on the 2-core CPU: 16 s per block vs 42 s whole;
-    depth 24: 16 s vs 50 s). dynamic=False: training shapes are fixed, and a warm-up call with
-    other shapes must not turn the batch dimension dynamic."""
+    Per block, as torchtitan: blocks that are alike share one compiled graph (the teacher's, the
+    decoder's), so their compile time does not grow with depth; the student's encoder blocks
+    differ in drop-path rate and compile one each. All blocks run one code object (timm's
+    Block.forward), whose variants dynamo caps (recompile_limit, 8 by default) before running
+    the rest eagerly without a warning: the cap is raised to cover every block twice.
+    dynamic=False: training shapes are fixed."""
     if not backend:
         return False
     parts = [m for m in module.modules() if isinstance(m, Block)] or [module]
+    import torch._dynamo  # loaded on demand: a second of import time
+
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(parts) + 8)
     try:
         for part in parts:
             part.compile(backend=backend, dynamic=False)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             module(*example_inputs)
         return True
     except Exception as e:  # no compiler, unknown backend, unsupported op...

@@ -25,8 +25,6 @@ from dbot_ds.config import RunConfig, load_config
 from dbot_ds.distributed import World
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.flops import dbot_flops_per_image
-from dbot_ds.losses import masked_distill_loss
-from dbot_ds.masking import random_masking
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet peaks
 
@@ -69,47 +67,71 @@ def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher
                                     f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}", *extra])
 
 
-def plain_step_fn(student, teacher, cfg: RunConfig, device, dtype):
-    """The same step without DeepSpeed: torch AdamW (fused on GPUs) on the same modules, fp32
-    weights under bf16 autocast (PyTorch's own mixed precision; DeepSpeed keeps bf16 weights and
-    fp32 master copies in its optimizer)."""
-    from dbot_ds.accel import adamw
-    from dbot_ds.engine import param_groups
+class PlainEngine:
+    """The plain PyTorch counterpart of the DeepSpeed engine, for the same train_micro_step: the
+    same modules, fp32 weights under bf16 autocast (PyTorch's own mixed precision; DeepSpeed keeps
+    bf16 weights and fp32 masters in its optimizer), torch AdamW (fused on GPUs)."""
 
-    opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    def __init__(self, student, cfg: RunConfig, device, dtype):
+        from dbot_ds.accel import adamw
+        from dbot_ds.engine import param_groups
 
-    def step(imgs):
-        target = teacher.targets(imgs)
-        masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
-        with amp:
-            pred = student(imgs, masks)
-        loss = masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
+        self.module = student
+        self.opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 \
+            else contextlib.nullcontext()
+
+    def __call__(self, imgs, masks):
+        with self.amp:
+            return self.module(imgs, masks)
+
+    def backward(self, loss):
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
+
+    def step(self):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
 
 
-def phase_breakdown(eng, teacher, imgs, cfg, device, steps: int) -> dict:
-    """Seconds per step in each phase, with a synchronisation between phases (separate pass)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    phases = {"teacher_forward": [], "student_forward": [], "backward": [], "optimizer": []}
+class PhaseTimer:
+    """Stands in for both the teacher and the engine of train_micro_step: synchronises around
+    each of their calls and records its time (a separate pass: the syncs cost throughput).
+    Masking and the loss fall between the phases."""
+
+    def __init__(self, teacher, eng, device):
+        self.teacher, self.eng = teacher, eng
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.times = {k: [] for k in ("teacher_forward", "student_forward", "backward", "optimizer")}
+
+    def _timed(self, phase: str, fn, *args):
+        self.sync()
+        t = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.times[phase].append(time.perf_counter() - t)
+        return out
+
+    def targets(self, imgs):
+        return self._timed("teacher_forward", self.teacher.targets, imgs)
+
+    def __call__(self, imgs, masks):
+        return self._timed("student_forward", self.eng, imgs, masks)
+
+    def backward(self, loss):
+        return self._timed("backward", self.eng.backward, loss)
+
+    def step(self):
+        return self._timed("optimizer", self.eng.step)
+
+
+def phase_breakdown(eng, teacher, imgs_u8, cfg, device, dtype, steps: int) -> dict:
+    """Median seconds per step in each phase of the training step."""
+    from dbot_ds.train import train_micro_step
+
+    timer = PhaseTimer(teacher, eng, device)
     for _ in range(steps):
-        sync(); t0 = time.perf_counter()
-        target = teacher.targets(imgs)
-        sync(); t1 = time.perf_counter()
-        masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
-        loss = masked_distill_loss(eng(imgs, masks), target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
-        sync(); t2 = time.perf_counter()
-        eng.backward(loss)
-        sync(); t3 = time.perf_counter()
-        eng.step()
-        sync(); t4 = time.perf_counter()
-        for k, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
-            phases[k].append(b - a)
-    return {k: statistics.median(v) for k, v in phases.items()}
+        train_micro_step(timer, timer, imgs_u8, cfg, device, dtype)
+    return {k: statistics.median(v) for k, v in timer.times.items()}
 
 
 def host_syncs(step_fn, device) -> int | None:
@@ -128,21 +150,23 @@ def host_syncs(step_fn, device) -> int | None:
 
 
 def reset_peak_memory(device) -> None:
+    gc.collect()  # engines and graphed teachers hold reference cycles: free the last case's now
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory_gb(device) -> float:
+def peak_memory_gb(device) -> tuple[float, float | None]:
+    """(peak allocated, peak reserved by the caching allocator and CUDA-graph pools) in GiB; on
+    CPU the process's RSS high-water mark, and None."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process RSS high-water mark
+        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
 def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, peak: float | None,
              compare_plain: bool, data_loader=None) -> dict:
     from dbot_ds import engine as ds_engine
-    from dbot_ds.data import batch_to_device
     from dbot_ds.stages import fresh_student
     from dbot_ds.teacher import Teacher, random_encoder
     from dbot_ds.train import compile_student, fast_paths, train_micro_step
@@ -173,11 +197,11 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         return timer.elapsed() / n
 
     if compare_plain:
-        plain_student = fresh_student(cfg, 1, arch.width).to(device)
+        plain = PlainEngine(fresh_student(cfg, 1, arch.width).to(device), cfg, device, dtype)
         if cfg.compile:  # the same kernels in both loops
-            compile_student(cfg, plain_student, device, dtype)
-        plain = plain_step_fn(plain_student, teacher, cfg, device, dtype)
-        plain_step = lambda: plain(batch_to_device(imgs_u8, device, dtype, arch.img_size))
+            with plain.amp:
+                compile_student(cfg, plain.module, device, dtype)
+        plain_step = lambda: train_micro_step(plain, teacher, imgs_u8, cfg, device, dtype)
     ds_times, plain_times = [], []
     for _ in range(repeats):  # interleaved A B A B
         ds_times.append(timed(ds_step, steps))
@@ -187,11 +211,10 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     if compare_plain:
         syncs["plain"] = host_syncs(plain_step, device)
     if compare_plain:  # the plain loop's weights and optimizer state must not count below
-        del plain_step, plain, plain_student
-        gc.collect()
+        del plain_step, plain
     reset_peak_memory(device)
-    breakdown = phase_breakdown(eng, teacher, batch_to_device(imgs_u8, device, dtype, arch.img_size),
-                                cfg, device, max(2, steps // 2))
+    breakdown = phase_breakdown(eng, teacher, imgs_u8, cfg, device, dtype, max(2, steps // 2))
+    memory, reserved = peak_memory_gb(device)
     step_s = statistics.median(ds_times)
     flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
     ips = cfg.batch.micro_batch / step_s
@@ -205,7 +228,8 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         "mfu": ips * flops.total / 1e12 / peak if peak else None,
         "breakdown_s": breakdown,
         "host_syncs_per_step": syncs,
-        "peak_memory_gb": peak_memory_gb(device),  # the DeepSpeed step's (and teacher's) alone
+        # the DeepSpeed step's and the teacher's alone (the plain loop is gone by now)
+        "peak_memory_gb": memory, "peak_reserved_gb": reserved,
     }
     if compare_plain:
         result["plain_step_s"] = statistics.median(plain_times)
@@ -242,23 +266,24 @@ def main(args) -> int:
     peak = device_peak(device, args.peak_tflops)
     bf16 = device.type == "cuda" and not args.fp32
     results = []
+    graphs = args.teacher_graph.split(",")
+    if not set(graphs) <= {"off", "on"}:
+        raise SystemExit(f"--teacher-graph {args.teacher_graph!r}: give off, on or off,on")
     sweep = itertools.product(args.sizes.split(","), [int(m) for m in args.micro.split(",")],
                               [int(z) for z in args.zero.split(",")], args.compile.split(","),
-                              [g == "on" for g in args.teacher_graph.split(",")])
+                              [g == "on" for g in graphs])
+    data = [] if args.data == "synthetic" else [
+        "data.source=shards", f"data.shards={args.shards}", f"data.num_workers={args.workers}",
+        f"data.decode={args.decode}"]
     for size, micro, zero, comp, graph in sweep:
         # DeepSpeed refuses bf16 without ZeRO (ds_config.py): ZeRO-0 runs in fp32, labelled so
         cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, graph, args.img_size,
-                           bf16 and zero > 0, args.set)
+                           bf16 and zero > 0, [*data, *args.set])
         loader = None
         if args.data == "shards":
             from dbot_ds.data import build_data
-            shard_cfg = load_config(None, None, [f"model.size={size}", f"model.img_size={args.img_size}",
-                                                 f"batch.micro_batch={micro}", f"batch.global_batch={micro}",
-                                                 "data.source=shards", f"data.shards={args.shards}",
-                                                 f"data.num_workers={args.workers}", f"data.decode={args.decode}",
-                                                 "deepspeed=cpu_demo", *args.set])
             from dbot_ds.data.prefetch import DevicePrefetcher
-            loader, position = build_data(shard_cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
+            loader, position = build_data(cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
             needed = args.warmup + args.steps
             if position.steps_per_epoch < needed:
                 raise SystemExit(f"--shards {args.shards}: one epoch holds {position.steps_per_epoch} batches of "

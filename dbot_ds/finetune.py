@@ -142,7 +142,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     from dbot_ds.ds_config import fill_ds_config, uses_bf16
     from dbot_ds.engine import init_distributed
     from dbot_ds.export import read_meta
-    from dbot_ds.metrics import MetricsLog
+    from dbot_ds.metrics import LossWindow, MetricsLog
     from dbot_ds.schedule import lr_at
 
     out = Path(out)
@@ -183,7 +183,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     while step < total:
         epoch, in_epoch = divmod(step, spe)
         stream.set_position(epoch, in_epoch)
-        loss_sum = torch.zeros((), device=device)
+        window = LossWindow(device, step)  # this epoch's (rest of the) micro-batches
         for i, (imgs, labels) in enumerate(loader):
             lr = lr_at(step, total, warmup, cfg.peak_lr(), cfg.min_lr)
             ds_engine.set_lr(eng, lr)
@@ -192,7 +192,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
             loss = loss_fn(eng(imgs.to(dtype)).float(), targets)
             eng.backward(loss)
             eng.step()
-            loss_sum += loss.detach()
+            window.add(loss.detach())
             if (i + 1) % accum:
                 continue
             step += 1
@@ -202,7 +202,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
                 metrics = evaluate(eng, cfg.val, arch.img_size, device, dtype, world.rank, world.size,
                                    min(cfg.num_workers, 2))
                 record = {"epoch": step / spe, "step": step, "lr": lr,
-                          "loss": loss_sum.item() / max(1, (i + 1)), **metrics}
+                          "loss": window.close(step, world.size)[0], **metrics}
                 log.log(record, step)
                 bar.set_postfix(top1=f"{100 * metrics['top1']:.1f}")
                 best = max(best, record, key=lambda r: r.get("top1", -1))

@@ -47,8 +47,9 @@ class Teacher(nn.Module):
             if imgs.shape[-1] != size:  # a teacher of another patch size sees the same image
                 imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
             feats = (self.graphed or self._encode)(imgs.to(self.dtype))
-        # Outside inference_mode a functional op makes a normal tensor, and a copy: a graph's
-        # static output is overwritten by the next replay.
+        # Outside inference_mode a functional op makes a normal tensor. It must be a copy: a
+        # graph's static output is overwritten by the next replay (.float() of an fp32 output is
+        # the same tensor; the normalisation or the clone below copies it).
         feats = feats.float()
         return normalize_tokens(feats) if self.normalize else feats.clone()
 

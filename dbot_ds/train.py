@@ -170,7 +170,7 @@ def compile_student(cfg: RunConfig, student: nn.Module, device: torch.device, dt
     n = cfg.batch.micro_batch * cfg.mask.per_image
     imgs = torch.zeros(n, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
     masks = random_masking(n, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
-    return try_compile(student, cfg.compile, imgs, masks)
+    return try_compile(student, cfg.compile, imgs, masks, grad=True)  # warmed up as it trains
 
 
 def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:

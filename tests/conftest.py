@@ -48,7 +48,8 @@ def tiny_config(*overrides: str) -> RunConfig:
 
 @pytest.fixture(scope="session")
 def process_group():
-    """One real gloo process group (rank 0 of 1) for the in-process DeepSpeed tests."""
+    """One real process group (rank 0 of 1; gloo, NCCL under DBOT_TEST_GPU=1) for the in-process
+    DeepSpeed tests."""
     from dbot_ds.distributed import World
     from dbot_ds.engine import init_distributed
 

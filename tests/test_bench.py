@@ -96,3 +96,16 @@ def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp
     with pytest.raises(SystemExit, match="one epoch holds 5 batches of 4, the end-to-end run reads 7"):
         main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "5", "--warmup", "2",
               "--no-plain", "--data", "shards", "--shards", str(manifest), "--workers", "0", *TINY_DECODER])
+
+
+def test_every_transformer_block_stays_compiled_through_training(process_group, tmp_path):
+    """12 encoder blocks with 12 drop-path rates, the decoder's and the teacher's: more variants
+    of timm's Block.forward than dynamo's default cap of 8, past which it would run the rest
+    eagerly and say nothing. Here hitting the cap is an error."""
+    import torch._dynamo
+
+    from dbot_ds.train import pretrain
+    cfg = tiny_config("model.size=vit_tiny", "model.img_size=64", "compile=eager", "stages.epochs=[1]")
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), no_eager_fallback():
+        pretrain(cfg, tmp_path)
+    assert (tmp_path / "stage1" / "meta.json").is_file()

@@ -112,5 +112,5 @@ def test_the_benchmark_on_the_gpu_uses_bf16_device_events_and_the_datasheet_peak
         assert r["bf16"] and r["peak_memory_gb"] > 0 and r["deepspeed_over_plain"] > 0
         assert (0 < r["mfu"] < 1) if peak else r["mfu"] is None
         # our step (teacher, masks, student, loss, fused AdamW) never waits for the GPU; DeepSpeed's
-        # count is reported (its BF16_Optimizer checks the gradient norm on the host)
-        assert r["host_syncs_per_step"]["plain"] == 0 and r["host_syncs_per_step"]["deepspeed"] >= 0
+        # ZeRO-1 BF16_Optimizer reads the gradient norm on the host (what README says)
+        assert r["host_syncs_per_step"]["plain"] == 0 and r["host_syncs_per_step"]["deepspeed"] >= 1
