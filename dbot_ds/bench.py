@@ -210,8 +210,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     syncs = {"deepspeed": host_syncs(ds_step, device)}
     if compare_plain:
         syncs["plain"] = host_syncs(plain_step, device)
-    if compare_plain:  # the plain loop's weights and optimizer state must not count below
-        del plain_step, plain
+        del plain_step, plain  # its weights and optimizer state must not count in the memory below
     reset_peak_memory(device)
     breakdown = phase_breakdown(eng, teacher, imgs_u8, cfg, device, dtype, max(2, steps // 2))
     memory, reserved = peak_memory_gb(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
@@ -46,22 +47,21 @@ class Teacher(nn.Module):
             size = self.encoder.arch.img_size
             if imgs.shape[-1] != size:  # a teacher of another patch size sees the same image
                 imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
-            feats = (self.graphed or self._encode)(imgs.to(self.dtype))
+            encode = self.graphed or functools.partial(self.encoder, final_norm=self.final_norm)
+            feats = encode(imgs.to(self.dtype))
         # Outside inference_mode a functional op makes a normal tensor. It must be a copy: a
         # graph's static output is overwritten by the next replay (.float() of an fp32 output is
         # the same tensor; the normalisation or the clone below copies it).
         feats = feats.float()
         return normalize_tokens(feats) if self.normalize else feats.clone()
 
-    def _encode(self, imgs: torch.Tensor) -> torch.Tensor:
-        return self.encoder(imgs, final_norm=self.final_norm)
-
     def use_cuda_graphs(self) -> bool:
         """Replay the encoder forward from CUDA graphs (one per input shape) from now on; on a
         device without CUDA graphs, warn and stay eager. Returns whether graphs are used."""
         if not cuda_graphs_available(next(self.encoder.parameters()).device):
             return False
-        self.graphed = CudaGraphed(self._encode)
+        # the encoder, not self: no reference cycle keeps a replaced teacher's graph pool alive
+        self.graphed = CudaGraphed(functools.partial(self.encoder, final_norm=self.final_norm))
         return True
 
 
