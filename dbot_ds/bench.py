@@ -282,7 +282,7 @@ def main(args) -> int:
         if args.data == "shards":
             from dbot_ds.data import build_data
             from dbot_ds.data.prefetch import DevicePrefetcher
-            loader, position = build_data(cfg, rank=0, world=1, accum=1, run_dir=Path("."), barrier=lambda: None)
+            loader, position = build_data(cfg, rank=0, world=1, accum=1, run_dir=Path("."))
             needed = args.warmup + args.steps
             if position.steps_per_epoch < needed:
                 raise SystemExit(f"--shards {args.shards}: one epoch holds {position.steps_per_epoch} batches of "

@@ -15,10 +15,11 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from safetensors.torch import load_file, save_file
 
+from dbot_ds.config import ConfigError
+from dbot_ds.distributed import barrier
 from dbot_ds.files import atomic_write
 
 STATE = "dbot_state.json"
@@ -26,13 +27,13 @@ POINTER = "latest_complete"
 TEACHER = "teacher.safetensors"
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def checkpoint_tag(stage: int, step: int) -> str:
     return f"stage{stage}-step{step:08d}"
+
+
+def stage_checkpoints(root: Path, stage: int) -> list[Path]:
+    """The complete checkpoints of one stage, oldest first (by tag: no state file read)."""
+    return [c for c in complete_checkpoints(root) if c.name.startswith(f"stage{stage}-")]
 
 
 def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
@@ -42,9 +43,9 @@ def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
     partial, final = root / f"{tag}.partial", root / tag
     if is_main:
         shutil.rmtree(partial, ignore_errors=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    _barrier()
+    barrier()
     if is_main:
         if teacher_state is not None:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in teacher_state.items()},
@@ -54,7 +55,7 @@ def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
         os.replace(partial, final)
         atomic_write(root / POINTER, tag + "\n")
         prune(root, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -63,8 +64,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and (p / STATE).is_file() and not p.name.endswith(".partial")]
-    order = {p: (read_state(p)["stage"], read_state(p)["step"]) for p in done}
-    return sorted(done, key=order.__getitem__)
+    states = {p: read_state(p) for p in done}
+    return sorted(done, key=lambda p: (states[p]["stage"], states[p]["step"]))
 
 
 def prune(root: Path, keep: int) -> None:
@@ -89,6 +90,24 @@ def read_state(ckpt: Path) -> dict:
         raise FileNotFoundError(f"{ckpt} is not a complete dbot-ds checkpoint (no {STATE}); "
                                 f"use a directory under <run>/checkpoints/ or --resume auto")
     return json.loads(path.read_text())
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def check_same_config(ckpt: Path, config: dict, may_change: tuple[str, ...]) -> None:
+    """Refuse to resume from `ckpt` if its saved config differs from `config` in any key (dotted)
+    outside `may_change`; the error lists every changed key."""
+    saved, now = _flat(read_state(ckpt)["config"]), _flat(json.loads(json.dumps(config)))  # tuples as lists
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k not in may_change]
+    if diff:
+        raise ConfigError(f"cannot resume from {ckpt}: the run config changed since it was saved:\n  - "
+                          + "\n  - ".join(diff) + "\nresume with the same config, or start a new --out")
 
 
 def load(engine, ckpt: Path) -> dict:

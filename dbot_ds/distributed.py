@@ -6,6 +6,8 @@ import dataclasses
 import os
 import socket
 
+import torch.distributed as dist
+
 
 @dataclasses.dataclass(frozen=True)
 class World:
@@ -43,3 +45,9 @@ def export_rendezvous_env(world: World) -> None:
     if world.size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def barrier() -> None:
+    """All ranks meet here; nothing to wait for in a single process without a group."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -17,7 +17,7 @@ from torch import nn
 
 from dbot_ds.accel import adamw, fuse_layernorms
 from dbot_ds.config import RunConfig
-from dbot_ds.distributed import World, export_rendezvous_env
+from dbot_ds.distributed import World, barrier, export_rendezvous_env
 
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
 
@@ -38,7 +38,7 @@ def init_distributed(world: World) -> torch.device:
 def shutdown_distributed() -> None:
     """Tear the process group down before exit (an exiting gloo group can abort the process)."""
     if dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 

@@ -55,7 +55,6 @@ class FinetuneConfig:
     cutmix: float = 1.0
     smoothing: float = 0.1
     num_workers: int = 8
-    log_every: int = 20
     stop_at_step: int = 0
 
     def __post_init__(self):
@@ -65,6 +64,10 @@ class FinetuneConfig:
 
     def peak_lr(self) -> float:
         return self.base_lr * self.global_batch / 256
+
+
+# Keys that may change between a checkpoint and its resume; any other difference is an error.
+RESUMABLE_CHANGES = ("stop_at_step", "num_workers")
 
 
 def build_classifier(meta: dict, num_classes: int, drop_path: float):
@@ -85,6 +88,13 @@ def build_classifier(meta: dict, num_classes: int, drop_path: float):
         raise ConfigError(f"{meta['_path']} does not fit a timm ViT: missing {missing}, unexpected {unexpected}")
     torch.nn.init.trunc_normal_(model.head.weight, std=2e-5)  # as MAE
     return model
+
+
+def layer_decay_groups(model, cfg: FinetuneConfig) -> list[dict]:
+    """timm's groups: lr_scale = layer_decay ** (layers above), no weight decay on 1-D and tokens."""
+    from timm.optim import param_groups_layer_decay
+
+    return param_groups_layer_decay(model, cfg.weight_decay, model.no_weight_decay(), layer_decay=cfg.layer_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -131,7 +141,6 @@ def evaluate(eng, manifest: str, size: int, device, dtype, rank: int, world: int
 def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import param_groups_layer_decay
     from torch.utils.data import DataLoader
 
     from dbot_ds import checkpoint
@@ -158,8 +167,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     drop_path = cfg.drop_path if cfg.drop_path is not None else (0.3 if arch.width >= 1280 else 0.2)
     torch.manual_seed(cfg.seed)
     model = build_classifier(meta, classes, drop_path).to(device)
-    eng = ds_engine.initialize(model, ds, device, cfg.peak_lr(), cfg.betas, lambda m: param_groups_layer_decay(
-        m, cfg.weight_decay, m.no_weight_decay(), layer_decay=cfg.layer_decay))
+    eng = ds_engine.initialize(model, ds, device, cfg.peak_lr(), cfg.betas, lambda m: layer_decay_groups(m, cfg))
     accum = ds["gradient_accumulation_steps"]
     stream = ShardStream(manifest=train_manifest, rank=world.rank, world=world.size, micro=cfg.micro_batch,
                          accum=accum, seed=cfg.seed, crop=arch.img_size, scale=(0.08, 1.0), hflip=True,
@@ -177,6 +185,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     step = 0
     ckpt = checkpoint.latest(out / "checkpoints") if resume == "auto" else None
     if ckpt:
+        checkpoint.check_same_config(ckpt, dataclasses.asdict(cfg), RESUMABLE_CHANGES)
         step = checkpoint.load(eng, ckpt)["step"]
     best = record = {}
     bar = tqdm(total=total, initial=step, desc="finetune", disable=not world.is_main, dynamic_ncols=True)
@@ -187,7 +196,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
         for i, (imgs, labels) in enumerate(loader):
             lr = lr_at(step, total, warmup, cfg.peak_lr(), cfg.min_lr)
             ds_engine.set_lr(eng, lr)
-            seed_everything(derive_seed(cfg.seed, "finetune", step, i % accum))  # mixup, drop path: f(step)
+            # mixup, cutmix and drop path: a function of (step, micro-step, rank)
+            seed_everything(derive_seed(cfg.seed, "finetune", step, i % accum, world.rank))
             imgs, targets = mixup(imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True))
             loss = loss_fn(eng(imgs.to(dtype)).float(), targets)
             eng.backward(loss)
@@ -211,8 +221,10 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
                                 is_main=world.is_main, keep=2)
             if stopping:
                 bar.close()
+                log.close()
                 return best
     bar.close()
+    log.close()
     if not record:  # the run had already finished: report what it found then
         return json.loads((out / "metrics.json").read_text())["best"]
     if world.is_main:
@@ -221,12 +233,17 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
 
 
 def main(args) -> int:
+    from dbot_ds.distributed import world_from_env
+    from dbot_ds.engine import shutdown_distributed
+
     data = {"init": args.init, "train": args.train, "val": args.val}
     for item in args.set:
         data = deep_merge(data, parse_set(item))
     best = finetune(from_dict(FinetuneConfig, data), args.out, resume=args.resume)
-    print(f"best top-1 {100 * best.get('top1', 0):.2f}%, top-5 {100 * best.get('top5', 0):.2f}% "
-          f"(epoch {best.get('epoch')})")
+    shutdown_distributed()  # on success only: after a failure on one rank a barrier would hang
+    if world_from_env().is_main:
+        print(f"best top-1 {100 * best.get('top1', 0):.2f}%, top-5 {100 * best.get('top5', 0):.2f}% "
+              f"(epoch {best.get('epoch')})")
     return 0
 
 

@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -22,7 +21,7 @@ from dbot_ds.accel import try_compile
 from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
 from dbot_ds.data.prefetch import DevicePrefetcher
-from dbot_ds.distributed import World, world_from_env
+from dbot_ds.distributed import World, barrier, world_from_env
 from dbot_ds.ds_config import resolve_ds_config, uses_bf16
 from dbot_ds.export import ExportError, read_export, write_export
 from dbot_ds.losses import masked_distill_loss
@@ -82,22 +81,6 @@ def train_micro_step(eng, teacher: Teacher, batch, cfg: RunConfig,
     return loss.detach()
 
 
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def check_resumable(saved: dict, cfg: RunConfig, ckpt: Path) -> None:
-    a, b = flat(saved), flat(json.loads(json.dumps(cfg.to_dict())))
-    diff = [f"{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
-    if diff:
-        raise ConfigError(f"cannot resume from {ckpt}: the run config changed since it was saved:\n  - "
-                          + "\n  - ".join(diff) + "\nresume with the same config, or start a new --out")
-
-
 def setup(cfg: RunConfig, out: Path) -> Run:
     world = world_from_env()
     ds_config = resolve_ds_config(cfg, world.size)  # batch arithmetic and JSON conflicts fail here
@@ -107,16 +90,11 @@ def setup(cfg: RunConfig, out: Path) -> Run:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     loader, position = build_data(cfg, rank=world.rank, world=world.size, run_dir=out,
-                                  accum=ds_config["gradient_accumulation_steps"], barrier=barrier)
+                                  accum=ds_config["gradient_accumulation_steps"])
     plan = StagePlan(tuple(cfg.stages.epochs), position.steps_per_epoch)
     loader = DevicePrefetcher(loader, device)
     return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main),
                StopSignal(device))
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def find_resume(run: Run, resume: str, only_stage: int | None = None) -> Path | None:
@@ -128,10 +106,10 @@ def find_resume(run: Run, resume: str, only_stage: int | None = None) -> Path | 
     elif only_stage is None:
         ckpt = checkpoint.latest(root)
     else:  # a single-stage job resumes only from its own stage's checkpoints
-        own = [c for c in checkpoint.complete_checkpoints(root) if checkpoint.read_state(c)["stage"] == only_stage]
+        own = checkpoint.stage_checkpoints(root, only_stage)
         ckpt = own[-1] if own else None
     if ckpt is not None:
-        check_resumable(checkpoint.read_state(ckpt)["config"], run.cfg, ckpt)
+        checkpoint.check_same_config(ckpt, run.cfg.to_dict(), RESUMABLE_CHANGES)
     return ckpt
 
 
@@ -174,15 +152,11 @@ def compile_student(cfg: RunConfig, student: nn.Module, device: torch.device, dt
 
 
 def save_checkpoint(run: Run, eng, teacher: Teacher, stage: int, step: int) -> None:
-    epoch, in_epoch = divmod(step, run.plan.steps_per_epoch)
+    # The data position and every random draw are functions of (seed, stage, step): the epoch
+    # order of (seed, epoch), crops of (seed, epoch, index), masks and drop path of (seed, stage,
+    # step, micro-step, rank). Storing the step restores them.
     state = {"stage": stage, "step": step, "global_step": run.plan.global_step(stage, step),
              "teacher": teacher.identity, "world_size": run.world.size,
-             # The data position and every random draw are functions of (seed, stage, step):
-             # the epoch order of (seed, epoch), crops of (seed, epoch, index), masks and drop
-             # path of (seed, stage, step, micro-step, rank). Storing the position restores them.
-             "data_position": {"epoch": epoch, "step_in_epoch": in_epoch,
-                               "samples_seen_in_epoch": in_epoch * run.cfg.batch.global_batch},
-             "rng": {"seed": run.cfg.seed, "scheme": "derive_seed(seed, 'step', stage, step, micro, rank)"},
              "zero_stage": eng.zero_optimization_stage(), "config": run.cfg.to_dict()}
     checkpoint.save(eng, run.out / "checkpoints", state, is_main=run.world.is_main,
                     keep=run.cfg.checkpoint.keep,

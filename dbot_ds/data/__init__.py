@@ -7,13 +7,13 @@ step_in_epoch)`), which is what the training loop and its checkpoints see.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import braceexpand
 import torch
 from torch.utils.data import DataLoader
 
 from dbot_ds.config import RunConfig
+from dbot_ds.distributed import barrier
 from dbot_ds.data.device_decode import JpegBatch, collate_jpegs, decode_batch
 from dbot_ds.data.sampler import EpochSampler
 from dbot_ds.data.shard_loader import ShardStream
@@ -36,8 +36,7 @@ def generated_shards(cfg: RunConfig, run_dir: Path) -> Path:
     return manifest
 
 
-def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Path,
-               barrier: Callable[[], None]):
+def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Path):
     """-> (DataLoader of uint8 [micro, 3, H, W] batches, its position: EpochSampler | ShardStream)."""
     d = cfg.data
     common = dict(rank=rank, world=world, micro=cfg.batch.micro_batch, accum=accum, seed=cfg.seed)
