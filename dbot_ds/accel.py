@@ -64,7 +64,8 @@ def try_compile(module: nn.Module, backend: str, *example_inputs, grad: bool = F
     import torch._dynamo  # loaded on demand: a second of import time
 
     dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, 2 * len(parts) + 8)
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # older torch
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 2 * len(parts) + 8))
     try:
         for part in parts:
             part.compile(backend=backend, dynamic=False)

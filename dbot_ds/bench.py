@@ -23,7 +23,7 @@ import torch
 
 from dbot_ds.config import RunConfig, load_config
 from dbot_ds.distributed import World
-from dbot_ds.ds_config import resolve_ds_config, uses_bf16
+from dbot_ds.ds_config import compute_dtype, resolve_ds_config, zero_stage
 from dbot_ds.flops import dbot_flops_per_image
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet peaks
@@ -173,7 +173,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
 
     reset_peak_memory(device)
     ds = resolve_ds_config(cfg, 1)
-    dtype = torch.bfloat16 if uses_bf16(ds) else torch.float32
+    dtype = compute_dtype(ds)
     arch = cfg.model.encoder_arch()
     teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
     eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
@@ -219,7 +219,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     ips = cfg.batch.micro_batch / step_s
     result = {
         "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
-        "zero_stage": ds["zero_optimization"]["stage"], "bf16": dtype == torch.bfloat16,
+        "zero_stage": zero_stage(ds), "bf16": dtype == torch.bfloat16,
         "compile": cfg.compile or "off", "teacher_cuda_graph": teacher.graphed is not None,
         "masks_per_image": cfg.mask.per_image, "first_step_s": first_step_s, "step_s": step_s,
         "images_per_s": ips,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.files import shipped
 
@@ -62,8 +64,7 @@ def fill_ds_config(name: str, *, global_batch: int, micro_batch: int, grad_clip:
             conflicts.append(f"{section}: lives in the run config (optim.*), remove it from the JSON")
     if ds.get("fp16", {}).get("enabled"):
         conflicts.append("fp16: not supported (bf16 or fp32 only); set bf16.enabled instead")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0 and ds.get("bf16", {}).get("enabled"):
+    if zero_stage(ds) == 0 and ds.get("bf16", {}).get("enabled"):
         conflicts.append("bf16 with ZeRO stage 0 keeps no exportable fp32 master weights in "
                          "DeepSpeed; use zero_optimization.stage 1 (same speed, sharded optimizer)")
     if conflicts:
@@ -74,6 +75,11 @@ def fill_ds_config(name: str, *, global_batch: int, micro_batch: int, grad_clip:
 
 def uses_bf16(ds: dict) -> bool:
     return bool(ds.get("bf16", {}).get("enabled"))
+
+
+def compute_dtype(ds: dict) -> torch.dtype:
+    """The dtype the engine's module computes in: bf16 when the JSON enables it, else fp32."""
+    return torch.bfloat16 if uses_bf16(ds) else torch.float32
 
 
 def zero_stage(ds: dict) -> int:

@@ -112,6 +112,7 @@ def ema_update(teacher: nn.Module, engine, momentum: float) -> None:
     params = list(student.parameters())
     gather = engine.zero_optimization_stage() == 3
     ctx = deepspeed.zero.GatheredParameters(params) if gather else torch.no_grad()
-    with ctx:
-        for t, s in zip(teacher.parameters(), params):
-            t.mul_(momentum).add_(s.detach().to(t.dtype), alpha=1 - momentum)
+    with ctx:  # two fused kernels over all tensors; add_ takes the bf16 student into fp32 as it is
+        teacher_params = list(teacher.parameters())
+        torch._foreach_mul_(teacher_params, momentum)
+        torch._foreach_add_(teacher_params, [s.detach() for s in params], alpha=1 - momentum)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from dbot_ds import checkpoint
@@ -22,7 +23,8 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
     cfg = from_dict(RunConfig, state_info["config"])
     state = checkpoint.consolidated_student_state(ckpt)
     width = state["head.weight"].shape[0]
-    student = Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), width)
+    with torch.device("meta"):  # for its key names: no weights allocated or initialised
+        student = Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), width)
     state.update(student.fixed_buffers())
     missing = set(student.state_dict()) - set(state)
     if missing:

@@ -148,7 +148,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     from dbot_ds.data.shard_loader import ShardStream
     from dbot_ds.data.shards import read_manifest
     from dbot_ds.distributed import world_from_env
-    from dbot_ds.ds_config import fill_ds_config, uses_bf16
+    from dbot_ds.ds_config import compute_dtype, fill_ds_config
     from dbot_ds.engine import init_distributed
     from dbot_ds.export import read_meta
     from dbot_ds.metrics import LossWindow, MetricsLog
@@ -162,7 +162,7 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     ds = fill_ds_config(cfg.deepspeed, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch,
                         grad_clip=cfg.grad_clip, world_size=world.size)
     device = init_distributed(world)
-    dtype = torch.bfloat16 if uses_bf16(ds) else torch.float32
+    dtype = compute_dtype(ds)
     arch = ViTArch(**meta["encoder"])
     drop_path = cfg.drop_path if cfg.drop_path is not None else (0.3 if arch.width >= 1280 else 0.2)
     torch.manual_seed(cfg.seed)

@@ -37,11 +37,10 @@ def submit(args) -> int:
     if not args.dry_run:
         (Path(args.out) / "logs").mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "submitted_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    after, ids = args.after, []
+    after = args.after
     for stage in stages:
         cmd = sbatch_command(args, stage, after, pretrain_args)
         after = run_or_print(cmd, args.dry_run, f"<stage{stage}>")
-        ids.append(after)
         print(f"stage {stage}: job {after}" if not args.dry_run else shlex.join(cmd))
     if args.then:
         cmd = ["sbatch", "--parsable", f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes",

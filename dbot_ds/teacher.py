@@ -49,11 +49,9 @@ class Teacher(nn.Module):
                 imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
             encode = self.graphed or functools.partial(self.encoder, final_norm=self.final_norm)
             feats = encode(imgs.to(self.dtype))
-        # Outside inference_mode a functional op makes a normal tensor. It must be a copy: a
-        # graph's static output is overwritten by the next replay (.float() of an fp32 output is
-        # the same tensor; the normalisation or the clone below copies it).
-        feats = feats.float()
-        return normalize_tokens(feats) if self.normalize else feats.clone()
+        # Outside inference_mode a functional op makes a normal tensor, and a copy: a graph's
+        # static output is overwritten by the next replay.
+        return normalize_tokens(feats.float()) if self.normalize else feats.to(torch.float32, copy=True)
 
     def use_cuda_graphs(self) -> bool:
         """Replay the encoder forward from CUDA graphs (one per input shape) from now on; on a

@@ -22,7 +22,7 @@ from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
 from dbot_ds.data.prefetch import DevicePrefetcher
 from dbot_ds.distributed import World, barrier, world_from_env
-from dbot_ds.ds_config import resolve_ds_config, uses_bf16
+from dbot_ds.ds_config import compute_dtype, resolve_ds_config, uses_bf16
 from dbot_ds.export import ExportError, read_export, write_export
 from dbot_ds.losses import masked_distill_loss
 from dbot_ds.masking import random_masking
@@ -57,7 +57,7 @@ class Run:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if uses_bf16(self.ds_config) else torch.float32
+        return compute_dtype(self.ds_config)
 
     @property
     def ema(self) -> bool:
