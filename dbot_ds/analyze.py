@@ -79,10 +79,7 @@ def analyze(encoder: ViT, imgs: torch.Tensor, k: int = 5, boxes: list[list] | No
     encoder = encoder.eval()
     arch = encoder.arch
     dist = patch_distances(arch.grid, arch.patch_size).to(imgs.device)
-    x = encoder.embed_patches(imgs)
-    pos = encoder.pos_embed.to(x.dtype)
-    x = torch.cat([(encoder.cls_token + pos[:, :1]).expand(len(x), -1, -1), x + pos[:, 1:]], 1)
-    x = encoder.norm_pre(x)
+    x = encoder.block_input(encoder.embed_patches(imgs))  # [B, 1+N, D]
     att_dist, shares = [], []
     for block in encoder.blocks:
         attn = attention_maps(block, x)[:, :, 1:, 1:]

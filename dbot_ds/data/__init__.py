@@ -6,6 +6,7 @@ step_in_epoch)`), which is what the training loop and its checkpoints see.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import braceexpand
@@ -29,11 +30,17 @@ def generated_shards(cfg: RunConfig, run_dir: Path) -> Path:
 
     manifest = run_dir / "data" / "shards" / "manifest.json"
     if not manifest.is_file():
-        size = cfg.data.synthetic_size or cfg.model.img_size * 5 // 4
-        write_generated_imagefolder(run_dir / "data" / "images", cfg.data.synthetic_images, size, cfg.seed)
-        items, classes = imagefolder(run_dir / "data" / "images")
-        convert(items, classes, manifest.parent, seed=cfg.seed, shard_size=256, progress=False)
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=manifest.parent.parent) as images:  # gone once converted
+            write_generated_imagefolder(images, cfg.data.synthetic_images, generated_size(cfg), cfg.seed)
+            items, classes = imagefolder(images)
+            convert(items, classes, manifest.parent, seed=cfg.seed, shard_size=256, progress=False)
     return manifest
+
+
+def generated_size(cfg: RunConfig) -> int:
+    """Side of the generated images: data.synthetic_size, else 5/4 of the crop (room to crop)."""
+    return cfg.data.synthetic_size or cfg.model.img_size * 5 // 4
 
 
 def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Path):
@@ -45,8 +52,7 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                      prefetch_factor=4 if workers > 0 else None)
     if d.source == "synthetic":
-        size = d.synthetic_size or cfg.model.img_size * 5 // 4
-        dataset = SyntheticImages(d.synthetic_images, size, cfg.model.img_size, d.crop_scale, d.hflip, cfg.seed)
+        dataset = SyntheticImages(d.synthetic_images, generated_size(cfg), cfg.model.img_size, d.crop_scale, d.hflip, cfg.seed)
         sampler = EpochSampler(len(dataset), **common)
         return DataLoader(dataset, sampler=sampler, **loader_kw), sampler
     if d.source == "generated_shards":
@@ -63,8 +69,8 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
     stream = ShardStream(**where, epoch_samples=d.epoch_samples or None, **common,
                          crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip, decode=d.decode,
                          shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
-    if d.decode == "device":
-        loader_kw["collate_fn"] = collate_jpegs
+    if d.decode == "device":  # encoded bytes, read by the decoder from host memory: nothing to pin
+        loader_kw.update(collate_fn=collate_jpegs, pin_memory=False)
     return DataLoader(stream, **loader_kw), stream
 
 

@@ -71,13 +71,13 @@ def decode_on_device(data: list[torch.Tensor], device: torch.device) -> list[tor
 
 
 def decode_batch(batch: JpegBatch, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """-> normalised [B, 3, size, size] on device. Per image only the crop's resize (images differ
-    in size); rounding (as the CPU path's uint8), flips and normalisation run once per batch."""
+    """-> normalised [B, 3, size, size] on device. Per image the crop's resize (images differ in
+    size) and its flip; rounding (as the CPU path's uint8) and normalisation once per batch."""
     images = decode_on_device(batch.data, device)
-    crops = [F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
-                           mode="bilinear", antialias=True, align_corners=False)
-             for img, (top, left, h, w) in zip(images, batch.boxes.tolist())]
+    crops = []
+    for img, (top, left, h, w), flip in zip(images, batch.boxes.tolist(), batch.flips.tolist()):
+        crop = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
+                             mode="bilinear", antialias=True, align_corners=False)
+        crops.append(crop.flip(-1) if flip else crop)
     out = torch.cat(crops).round_().clamp_(0, 255)  # [B, 3, size, size], whole numbers
-    flips = batch.flips.to(device, non_blocking=True)
-    out = torch.where(flips.view(-1, 1, 1, 1), out.flip(-1), out)
     return normalize_on_device(out, device, dtype)

@@ -72,15 +72,20 @@ class ViT(nn.Module):
         """imgs [B, 3, H, W] -> patch tokens [B, N, D], positions not yet added."""
         return self.patch_embed(imgs)
 
-    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
-               final_norm: bool = True) -> torch.Tensor:
-        """tokens [B, N, D] (+ ids_keep [B, K]) -> [B, 1+K, D] (K = N without ids_keep)."""
+    def block_input(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """patch tokens [B, N, D] (+ ids_keep [B, K]) -> the first block's input [B, 1+K, D]:
+        positions added, the visible subset kept, cls prepended (K = N without ids_keep)."""
         pos = self.pos_embed.to(tokens.dtype)  # engines may keep buffers fp32 under bf16
         x = tokens + pos[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
-        x = self.blocks(self.norm_pre(torch.cat([cls, x], dim=1)))
+        return self.norm_pre(torch.cat([cls, x], dim=1))
+
+    def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
+               final_norm: bool = True) -> torch.Tensor:
+        """tokens [B, N, D] (+ ids_keep [B, K]) -> [B, 1+K, D] (K = N without ids_keep)."""
+        x = self.blocks(self.block_input(tokens, ids_keep))
         return self.norm(x) if final_norm else x
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
