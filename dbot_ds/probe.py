@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dbot_ds.data.eval_loader import labelled_loader
+from dbot_ds.data.shards import read_manifest
 from dbot_ds.data.transforms import normalize_on_device
 from dbot_ds.models import ViT
 
@@ -95,7 +96,7 @@ def main(args) -> int:
         encoder = load_encoder(source)
         train = extract(encoder, args.train, device, args.pool, workers=args.workers)
         test = extract(encoder, args.val, device, args.pool, workers=args.workers)
-        classes = int(max(train[1].max(), test[1].max())) + 1
+        classes = len(read_manifest(args.train).classes)
         row = {"encoder": source, "knn_top1": knn_accuracy(*train, *test, k=args.k, temperature=args.temperature,
                                                            num_classes=classes),
                "linear_top1": linear_probe(*train, *test, classes, epochs=args.epochs),

@@ -22,6 +22,15 @@ TINY = [
 ]
 
 
+def tiny_args(*extra: str) -> list[str]:
+    """The tiny run (plus `extra` overrides) as command-line --set arguments."""
+    return [arg for s in (*TINY, *extra) for arg in ("--set", s)]
+
+
+# The tiny decoder as `dbot-ds bench` arguments (bench builds its own config around a model size).
+TINY_DECODER = [arg for s in TINY if s.startswith("model.decoder_") for arg in ("--set", s)]
+
+
 # The paper's recipes need their ImageNet shards named; config-only tests give a placeholder.
 PAPER_DATA = "data.shards=/data/imagenet/train/manifest.json"
 

@@ -1,7 +1,9 @@
 """Analyses on constructed inputs with known answers, and `dbot-ds analyze` end to end."""
 
+import dataclasses
 import json
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -52,11 +54,22 @@ def test_attention_maps_match_the_block_output():
         assert torch.allclose(blk(x), manual, atol=1e-5)
 
 
-def test_analyze_any_depth_and_the_command(process_group, tmp_path):
-    result = analyze(ViT(vit_arch("tiny_test", img_size=32)), torch.randn(3, 3, 32, 32), k=2,
-                     boxes=[[[0, 0, 16, 16]]] * 3)
-    assert len(result["attention_distance"]) == 2 and len(result["attention_distance"][0]) == 2
-    assert len(result["singular_share"]) == 2 and 0 <= result["corloc"] <= 1
+@pytest.mark.parametrize("depth", [0, 3])
+def test_analyze_gives_one_row_per_block_and_corloc_against_the_boxes(depth):
+    enc = ViT(dataclasses.replace(vit_arch("tiny_test", img_size=32), depth=depth)).eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = enc(imgs, final_norm=False)[:, 1:]  # what the last block gives analyze
+    found = [first_singular_box(f, enc.arch.grid, enc.arch.patch_size) for f in feats]
+    result = analyze(enc, imgs, k=2, boxes=[[box] for box in found])
+    assert len(result["attention_distance"]) == depth and len(result["singular_share"]) == depth
+    assert all(len(heads) == enc.arch.heads for heads in result["attention_distance"])
+    assert result["corloc"] == 1.0
+    elsewhere = [[(100, 100, 101, 101)]] * 3  # outside the image: no overlap
+    assert analyze(enc, imgs, k=2, boxes=elsewhere)["corloc"] == 0.0
+
+
+def test_the_analyze_command(process_group, tmp_path):
     from test_shard_loader import write_shards
 
     from dbot_ds.train import pretrain

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import no_eager_fallback, tiny_config
+from conftest import TINY_DECODER, no_eager_fallback, tiny_config
 
 from dbot_ds.accel import try_compile
+from dbot_ds.bench import bench_config
 from dbot_ds.cli import main
+from dbot_ds.flops import dbot_flops_per_image
 from dbot_ds.models import ViT, vit_arch
-
-TINY_DECODER = ["--set", "model.decoder_width=32", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
 
 
 def test_bench_reports_rates_flops_breakdown_and_the_plain_pytorch_ratio(tmp_path, process_group, capsys):
@@ -23,9 +23,15 @@ def test_bench_reports_rates_flops_breakdown_and_the_plain_pytorch_ratio(tmp_pat
     report = json.loads(out.read_text())
     assert [r["zero_stage"] for r in report["results"]] == [1, 2]
     r = report["results"][0]
-    assert r["images_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops"] / 1.0)
+    cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, TINY_DECODER[1::2])
+    arch = cfg.model.encoder_arch()
+    flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
+    assert r["gflop_per_image"] == pytest.approx(flops.total / 1e9)
+    assert r["images_per_s"] == pytest.approx(4 / r["step_s"])
+    assert r["tflops"] == pytest.approx(r["images_per_s"] * flops.total / 1e12) and r["mfu"] == pytest.approx(r["tflops"])
+    assert r["deepspeed_over_plain"] == pytest.approx(r["step_s"] / r["plain_step_s"])
     assert set(r["breakdown_s"]) == {"teacher_forward", "student_forward", "backward", "optimizer"}
-    assert r["deepspeed_over_plain"] > 0
+    assert all(v > 0 for v in r["breakdown_s"].values())
 
 
 def test_bench_end_to_end_with_real_shards(tmp_path, process_group, capsys):
@@ -55,8 +61,10 @@ def test_compile_switch_compiles_or_falls_back_to_eager():
 
 def test_training_runs_with_the_compile_switch_on(process_group, tmp_path):
     from dbot_ds.train import pretrain
+    torch._dynamo.utils.counters.clear()
     with no_eager_fallback():  # "eager" needs no compiler
         pretrain(tiny_config("compile=eager", "stages.epochs=[1]"), tmp_path)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # dynamo did capture graphs
     assert (tmp_path / "stage1" / "meta.json").is_file()
 
 
@@ -106,6 +114,7 @@ def test_every_transformer_block_stays_compiled_through_training(process_group, 
 
     from dbot_ds.train import pretrain
     cfg = tiny_config("model.size=vit_tiny", "model.img_size=64", "compile=eager", "stages.epochs=[1]")
+    torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), no_eager_fallback():
         pretrain(cfg, tmp_path)
-    assert (tmp_path / "stage1" / "meta.json").is_file()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 12  # a graph per student block at least

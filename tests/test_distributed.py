@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, subprocess_env
+from conftest import subprocess_env, tiny_args
 
 from dbot_ds import checkpoint
 from dbot_ds.distributed import free_port
@@ -23,10 +23,7 @@ def torchrun(*args, timeout=300):
 def pretrain_args(out: Path, zero: int, *sets: str) -> list[str]:
     ds = out.parent / f"zero{zero}.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": zero}, "bf16": {"enabled": False}}))
-    args = ["pretrain", "--out", str(out)]
-    for s in (*TINY, f"deepspeed={ds}", *sets):
-        args += ["--set", s]
-    return args
+    return ["pretrain", "--out", str(out), *tiny_args(f"deepspeed={ds}", *sets)]
 
 
 def pretrain_2proc(out: Path, zero: int, *sets: str):

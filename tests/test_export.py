@@ -73,11 +73,8 @@ def test_a_missing_or_damaged_teacher_export_fails_before_training(run_dir, tmp_
     if damage == "corrupt":
         (teacher / "model.safetensors").write_bytes(b"\0" * 64)
     out = tmp_path / "run"
-    args = ["pretrain", "--out", str(out), "--set", f"teacher.init={teacher}"]
-    from conftest import TINY
-    for s in TINY:
-        args += ["--set", s]
-    assert main(args) == 2
+    from conftest import tiny_args
+    assert main(["pretrain", "--out", str(out), "--set", f"teacher.init={teacher}", *tiny_args()]) == 2
     assert message in capsys.readouterr().err
     assert not any((out / "checkpoints").iterdir())
 

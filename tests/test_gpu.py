@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import no_eager_fallback, tiny_config
+from conftest import TINY_DECODER, no_eager_fallback, tiny_config
 from imagegen import solid_index
 from test_shard_loader import read_epoch, stream, write_shards
 from torch.utils.data import DataLoader
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 CUDA = torch.device("cuda")
 BF16 = dict(atol=2e-2, rtol=2e-2)  # bf16 compute, unit-variance targets; a stale graph is O(1) off
-TINY_DECODER = ["--set", "model.decoder_width=32", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2"]
 
 
 def tiny_teacher(**kw) -> Teacher:

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import TINY, subprocess_env, tiny_config
+from conftest import subprocess_env, tiny_args, tiny_config
 
 from dbot_ds import checkpoint
 from dbot_ds.config import ConfigError
@@ -81,7 +81,7 @@ def test_a_killed_run_resumes_to_the_same_weights(process_group, tmp_path):
     pretrain(tiny_config(*longer), tmp_path / "straight")
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dbot_ds.cli", "pretrain", "--out", str(out),
-           *[a for s in (*TINY, *longer) for a in ("--set", s)]]
+           *tiny_args(*longer)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:

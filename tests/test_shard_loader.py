@@ -13,15 +13,16 @@ from dbot_ds.data.shards import DeterministicTarWriter, Manifest, ShardError, Sh
 from dbot_ds.files import file_sha256
 
 
-def write_shards(root, sizes, corrupt=(), truncate=None):
-    """Shards of the given sizes of solid-colour images; returns the manifest path."""
+def write_shards(root, sizes, corrupt=(), truncate=None, replace=None):
+    """Shards of the given sizes of solid-colour images (sample i's bytes from `replace[i]` when
+    given); returns the manifest path."""
     root.mkdir(parents=True, exist_ok=True)
     infos, index_ = [], 0
     for s, n in enumerate(sizes):
         name = f"train-{s:06d}.tar"
         w = DeterministicTarWriter(root / name)
         for _ in range(n):
-            data = b"\xff\xd8 not a jpeg" if index_ in corrupt else solid_jpeg(index_)
+            data = b"\xff\xd8 not a jpeg" if index_ in corrupt else (replace or {}).get(index_) or solid_jpeg(index_)
             for member, payload in sample_members(f"s{index_:05d}", data, index_ % 3, {"wnid": "x"}):
                 w.add(member, payload)
             index_ += 1
@@ -140,17 +141,20 @@ def test_the_device_prefetcher_passes_batches_through_unchanged_on_cpu(uneven):
     assert len(direct) == len(prefetched) and all(torch.equal(a, b) for a, b in zip(direct, prefetched))
 
 
-def test_the_device_decode_path_refuses_cmyk_jpegs_as_bad_samples():
-    """nvJPEG reads YCbCr and gray: a CMYK JPEG fails in the worker, where it is counted as bad."""
-    import random
-
+def test_the_device_decode_path_counts_a_cmyk_jpeg_as_a_bad_sample(tmp_path, caplog):
+    """nvJPEG reads YCbCr and gray: in device-decode mode a CMYK JPEG fails in the worker, which
+    skips, counts and logs it, and the batch is still full."""
     import numpy as np
     import simplejpeg
 
-    from dbot_ds.data.device_decode import jpeg_sample
+    from dbot_ds.data.device_decode import collate_jpegs
 
-    cmyk = simplejpeg.encode_jpeg(np.zeros((8, 8, 4), np.uint8), colorspace="CMYK")
-    with pytest.raises(ValueError, match="YCCK JPEG: the device decoder reads YCbCr and gray only"):
-        jpeg_sample(cmyk, (0.5, 1.0), True, random.Random(0))
-    gray = simplejpeg.encode_jpeg(np.zeros((8, 8, 1), np.uint8), colorspace="GRAY")
-    assert jpeg_sample(gray, (0.5, 1.0), True, random.Random(0))[1].shape == (4,)
+    cmyk = simplejpeg.encode_jpeg(np.full((16, 16, 4), 99, np.uint8), colorspace="CMYK")
+    gray = simplejpeg.encode_jpeg(np.full((16, 16, 1), 99, np.uint8), colorspace="GRAY")
+    manifest = write_shards(tmp_path, [8, 8], replace={5: cmyk, 9: gray})
+    ds = stream(manifest, micro=4, decode="device", max_bad_fraction=0.5)
+    ds.set_position(0, 0)
+    batches = list(DataLoader(ds, batch_size=4, num_workers=0, collate_fn=collate_jpegs))
+    assert [len(b) for b in batches] == [4, 4, 4, 4]
+    bad = [r.getMessage() for r in caplog.records if "bad sample" in r.getMessage()]
+    assert len(bad) == 1 and "s00005" in bad[0] and "YCCK JPEG: the device decoder reads YCbCr and gray only" in bad[0]

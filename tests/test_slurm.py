@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PAPER_DATA, TINY, subprocess_env
+from conftest import PAPER_DATA, subprocess_env, tiny_args
 
 from dbot_ds import checkpoint
 from dbot_ds.export import read_meta
@@ -56,17 +56,13 @@ def wait_done(env, jobs, timeout=240):
     raise AssertionError(f"jobs {jobs} still {states} after {timeout}s")
 
 
-def sets(*extra):
-    return [f"--set={s}" for s in (*TINY, *extra)]
-
-
 def log(out, stage=1):
     return (Path(out) / "logs" / f"stage{stage}.log").read_text()
 
 
 def test_a_two_stage_chain_completes_and_stage2_learns_from_stage1(slurm, tmp_path):
     out = tmp_path / "run"
-    jobs = submit(slurm, out, *sets())
+    jobs = submit(slurm, out, *tiny_args())
     assert len(jobs) == 2
     assert wait_done(slurm, jobs) == ["COMPLETED", "COMPLETED"], log(out, 1)[-3000:] + log(out, 2)[-3000:]
     assert read_meta(out / "stage2")["teacher_sha256"] == read_meta(out / "stage1")["sha256"]
@@ -74,14 +70,14 @@ def test_a_two_stage_chain_completes_and_stage2_learns_from_stage1(slurm, tmp_pa
 
 def test_a_failing_stage_cancels_its_dependents(slurm, tmp_path):
     out = tmp_path / "run"
-    jobs = submit(slurm, out, *sets("teacher.init=/nonexistent/teacher"))
+    jobs = submit(slurm, out, *tiny_args("teacher.init=/nonexistent/teacher"))
     assert wait_done(slurm, jobs) == ["FAILED", "CANCELLED"]
     assert "no meta.json in /nonexistent/teacher" in log(out, 1)
 
 
 def test_a_stage_with_a_missing_teacher_fails_fast_with_the_message(slurm, tmp_path):
     out = tmp_path / "run"
-    jobs = submit(slurm, out, "--first-stage", "2", *sets())
+    jobs = submit(slurm, out, "--first-stage", "2", *tiny_args())
     assert wait_done(slurm, jobs) == ["FAILED"]
     assert f"stage 2 needs stage 1's export as its teacher: no meta.json in {out / 'stage1'}" in log(out, 2)
     assert not (out / "checkpoints").exists()
@@ -89,9 +85,9 @@ def test_a_stage_with_a_missing_teacher_fails_fast_with_the_message(slurm, tmp_p
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(slurm, tmp_path):
     longer = ("stages.epochs=[3]", "data.synthetic_images=1024", "checkpoint.every_steps=2")
-    (straight,) = submit(slurm, tmp_path / "straight", *sets(*longer))  # same launcher, same threads
+    (straight,) = submit(slurm, tmp_path / "straight", *tiny_args(*longer))  # same launcher, same threads
     out = tmp_path / "run"
-    (job,) = submit(slurm, out, *sets(*longer))
+    (job,) = submit(slurm, out, *tiny_args(*longer))
     deadline = time.time() + 120
     while time.time() < deadline:
         found = checkpoint.latest(out / "checkpoints")
@@ -108,7 +104,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(slur
 
 def test_a_two_node_job_runs_one_rank_per_node_with_real_deepspeed_steps(slurm, tmp_path):
     out = tmp_path / "run"
-    (job,) = submit(slurm, out, "--nodes", "2", *sets("stages.epochs=[1]"))
+    (job,) = submit(slurm, out, "--nodes", "2", *tiny_args("stages.epochs=[1]"))
     assert wait_done(slurm, [job]) == ["COMPLETED"], log(out)[-3000:]
     state = checkpoint.read_state(checkpoint.latest(out / "checkpoints"))
     assert state["world_size"] == 2 and state["step"] == 4

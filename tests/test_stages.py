@@ -131,6 +131,8 @@ def test_bf16_run_has_a_bf16_teacher_and_exports_fp32_master_weights(process_gro
 def test_recipe_variants_train_across_a_breakpoint(process_group, tmp_path, sets):
     exports = pretrain(tiny_config(*sets, "stages.epochs=[1,1]"), tmp_path)
     state, meta = read_export(exports[-1])
+    _, first = read_export(exports[0])
+    assert meta["stage"] == 2 and meta["teacher_sha256"] == first["sha256"]
     assert (meta["decoder"] is None) == ("model.decoder=false" in sets)
     assert all(torch.isfinite(v).all() for v in state.values())
 
