@@ -20,13 +20,17 @@ IMG=${IMG:-224}
 STEPS=${STEPS:-20}
 E2E_IMAGES=${E2E_IMAGES:-8192}
 WORKERS=${WORKERS:-$(nproc)}
-work=${WORK:-$(mktemp -d /tmp/dbot-gpu-report.XXXX)}
+if [ -n "${WORK:-}" ]; then  # kept: generated shards can be reused
+  mkdir -p "$WORK" && work=$(cd "$WORK" && pwd)
+else
+  work=$(mktemp -d /tmp/dbot-gpu-report.XXXX) && trap 'rm -rf "$work"' EXIT
+fi
 rm -rf "$work/json" && mkdir -p "$work/json"  # a reused WORK must not add old results
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 failed=0
 step() { echo "== $(date -u +%H:%M:%S) $*"; }
-run() { "$@" || { echo "!! failed ($?): $*"; failed=1; }; }
+run() { "$@" || echo "!! failed ($?): $*"; }  # steps run in a piped subshell: the log is the record
 bench() { python3 -m dbot_ds bench --img-size "$IMG" --steps "$STEPS" "$@"; }
 # tiny sizes get a small decoder too (the smoke run)
 extra=(); [[ $CASES == tiny_test* ]] && extra=(--set model.decoder_width=32 --set model.decoder_depth=1 --set model.decoder_heads=2)

@@ -3,15 +3,18 @@
 #   slurm/cluster.sh start     # writes $DBOT_SLURM_DIR/env.sh: source it for SLURM_CONF
 #   slurm/cluster.sh stop      # cancels jobs, stops the daemons, removes the /etc/hosts lines
 # Needs root and Debian's slurmctld, slurmd and slurm-client (`slurm/cluster.sh install`).
-# Everything (config, state, spool, logs, pids) lives in $DBOT_SLURM_DIR, nothing in /etc/slurm.
+# Everything (config, state, spool, logs, pids, a munge key) lives in $DBOT_SLURM_DIR, nothing in
+# /etc. The daemons listen on 127.0.0.1 only, and every request needs a credential from this
+# cluster's own munged (a fresh random key): no other host or key can submit jobs, which run as root.
 set -euo pipefail
 DIR="${DBOT_SLURM_DIR:-/tmp/dbot-slurm}"
 MARK="# dbot-ds test cluster"
 CPUS="${DBOT_SLURM_CPUS:-$(nproc)}"
 
 install() {
-  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null && return
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null
+  command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+    && command -v munged >/dev/null && return
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge >/dev/null
 }
 
 write_config() {
@@ -19,9 +22,9 @@ write_config() {
   cat > "$DIR/slurm.conf" <<CONF
 ClusterName=dbot
 SlurmctldHost=$(hostname -s)(127.0.0.1)
-AuthType=auth/none
-CredType=cred/none
-AuthInfo=cred_expire=10
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10,socket=$DIR/munge/munge.socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -32,6 +35,7 @@ JobCompLoc=$DIR/log/jobcomp.txt
 MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SchedulerParameters=sched_interval=2,bf_interval=2
 MinJobAge=3600
 SlurmUser=root
@@ -50,6 +54,13 @@ CONF
   echo "export SLURM_CONF=$DIR/slurm.conf" > "$DIR/env.sh"
 }
 
+start_munge() {
+  mkdir -p -m 700 "$DIR/munge"
+  head -c 1024 /dev/urandom > "$DIR/munge/munge.key" && chmod 400 "$DIR/munge/munge.key"
+  munged --force --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
+    --pid-file="$DIR/munge/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed"
+}
+
 start() {
   install
   if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
@@ -58,6 +69,7 @@ start() {
     return 1
   fi
   write_config
+  start_munge
   export SLURM_CONF="$DIR/slurm.conf"
   grep -q "$MARK" /etc/hosts || echo "127.0.0.1 n1 n2 $MARK" >> /etc/hosts
   slurmctld -c -f "$SLURM_CONF"
@@ -87,8 +99,9 @@ stop() {
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
   done
+  [ -S "$DIR/munge/munge.socket" ] && munged --stop --socket="$DIR/munge/munge.socket" >/dev/null 2>&1 || true
   sed -i "/$MARK/d" /etc/hosts
-  rm -rf "$DIR"
+  [ -f "$DIR/slurm.conf" ] && rm -rf "$DIR"  # only a directory this script set up
 }
 
 case "${1:-}" in
