@@ -129,7 +129,7 @@ def consolidated_student_state(ckpt: Path) -> dict[str, torch.Tensor]:
     ckpt = Path(ckpt)
     stage = read_state(ckpt)["zero_stage"]
     if stage == 0:
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() for k, v in states["module"].items()}
     return {k: v.float() for k, v in
             get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name).items()}

@@ -38,6 +38,14 @@ def test_checkpoint_export_equals_the_stage_export(run_dir, tmp_path):
     assert read_meta(tmp_path / "exp")["sha256"] == read_meta(run_dir / "stage2")["sha256"]
 
 
+def test_a_zero0_checkpoint_exports_through_a_weights_only_load(process_group, tmp_path):
+    pretrain(tiny_config("deepspeed=bench_zero0", "stages.epochs=[1]"), tmp_path / "run")
+    last = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    assert checkpoint.read_state(last)["zero_stage"] == 0
+    assert main(["export", str(last), "--out", str(tmp_path / "exp")]) == 0
+    assert read_meta(tmp_path / "exp")["sha256"] == read_meta(tmp_path / "run" / "stage1")["sha256"]
+
+
 def test_timm_export_loads_strictly_and_gives_the_same_features(run_dir, tmp_path):
     assert main(["export", str(run_dir / "stage2"), "--out", str(tmp_path), "--format", "timm"]) == 0
     kwargs = json.loads((tmp_path / "timm_config.json").read_text())["kwargs"]
