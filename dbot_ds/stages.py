@@ -86,6 +86,18 @@ def initial_teacher_encoder(cfg: RunConfig, verbose: bool = True):
     return encoder, identity
 
 
+def previous_stage_encoder(cfg: RunConfig, run_dir: Path, stage: int):
+    """Stage k > 1's teacher: stage k-1's export, verified by sha256 and checked against the
+    student's grid. -> (encoder, identity)."""
+    source = export_dir(run_dir, stage - 1)
+    try:
+        encoder, meta = encoder_from_export(source)
+    except ExportError as e:
+        raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
+    check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({source})")
+    return encoder, meta["sha256"]
+
+
 def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.dtype,
                        checked=None) -> Teacher:
     """Stage 1: random or pretrained; stage k > 1: the export of stage k-1, verified by sha256.
@@ -95,9 +107,7 @@ def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.d
     elif stage == 1:
         encoder, identity = initial_teacher_encoder(cfg)
     else:
-        encoder, meta = encoder_from_export(export_dir(run_dir, stage - 1))
-        identity = meta["sha256"]
-    check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage}")
+        encoder, identity = previous_stage_encoder(cfg, run_dir, stage)
     return _teacher(cfg, encoder, identity, dtype)
 
 

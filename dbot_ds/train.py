@@ -23,16 +23,16 @@ from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
 from dbot_ds.data.prefetch import DevicePrefetcher
 from dbot_ds.distributed import World, barrier, world_from_env
 from dbot_ds.ds_config import compute_dtype, resolve_ds_config, uses_bf16
-from dbot_ds.export import ExportError, read_export, write_export
+from dbot_ds.export import read_export, write_export
 from dbot_ds.losses import masked_distill_loss
 from dbot_ds.masking import random_masking
 from dbot_ds.metrics import LossWindow, MetricsLog
 from dbot_ds.schedule import ema_momentum_at, lr_at
 from dbot_ds.seeding import derive_seed
 from dbot_ds.stages import (StagePlan, breakpoint_teacher, ema_teacher, export_dir, export_meta,
-                            initial_teacher_encoder, stage_student)
+                            initial_teacher_encoder, previous_stage_encoder, stage_student)
 from dbot_ds.preemption import StopSignal
-from dbot_ds.teacher import Teacher, check_fits, encoder_from_export
+from dbot_ds.teacher import Teacher
 
 PREEMPT_POLL_EVERY = 5  # optimizer steps between stop checks (decided one poll later)
 
@@ -256,13 +256,7 @@ def check_stage_start(cfg: RunConfig, out: Path, stage: int):
         return done, None
     if stage == 1 or cfg.teacher.update != "breakpoint":
         return None, None  # read in pretrain (stage 1) or built from the student (EMA)
-    teacher = export_dir(out, stage - 1)
-    try:
-        encoder, meta = encoder_from_export(teacher)
-    except ExportError as e:
-        raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
-    check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({teacher})")
-    return None, (encoder, meta["sha256"])
+    return None, previous_stage_encoder(cfg, out, stage)
 
 
 def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto", only_stage: int | None = None) -> list[Path]:
