@@ -17,16 +17,17 @@ from torch import nn
 log = logging.getLogger("dbot_ds")
 
 
-def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
+def adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+          device: torch.device):
     """apex FusedAdam (AdamW mode) on GPUs when importable, else torch AdamW (fused on GPUs)."""
     if device.type == "cuda":
         try:
             from apex.optimizers import FusedAdam
 
-            return FusedAdam(param_groups, lr=lr, betas=betas, adam_w_mode=True)
+            return FusedAdam(param_groups, lr=lr, betas=betas, eps=eps, adam_w_mode=True)
         except ImportError:
             pass
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
 
 
 def fuse_layernorms(module: nn.Module) -> int:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-
-from dbot_ds.models import ViT
+import torch.nn.functional as F
+from torch import nn
 
 
 def patch_distances(grid: int, patch: int) -> torch.Tensor:
@@ -32,15 +32,22 @@ def mean_attention_distance(attn: torch.Tensor, distances: torch.Tensor) -> torc
     return (attn * distances).sum(-1).mean(dim=(0, 2))
 
 
-def attention_maps(block, x: torch.Tensor) -> torch.Tensor:
-    """Recompute a timm block's attention probabilities for its input x [B, T, D] -> [B, H, T, T]."""
+def attention_maps(block, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Recompute a timm block's attention probabilities for its input x [B, T, D] -> [B, H, T, T]:
+    a ViT block's, or a BEiT block's (q/v biases, plus the shared relative position bias)."""
     a = block.attn
     h = block.norm1(x)
     b, t, _ = h.shape
-    qkv = a.qkv(h).reshape(b, t, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    if getattr(a, "q_bias", None) is not None:  # BEiT: no k bias
+        qkv = F.linear(h, a.qkv.weight, torch.cat([a.q_bias, torch.zeros_like(a.q_bias), a.v_bias]))
+    else:
+        qkv = a.qkv(h)
+    qkv = qkv.reshape(b, t, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k, _ = qkv.unbind(0)
-    q, k = a.q_norm(q), a.k_norm(k)
-    return ((q * a.scale) @ k.transpose(-2, -1)).softmax(-1)
+    if hasattr(a, "q_norm"):
+        q, k = a.q_norm(q), a.k_norm(k)
+    logits = (q * a.scale) @ k.transpose(-2, -1)
+    return (logits if bias is None else logits + bias).softmax(-1)
 
 
 def singular_value_share(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -73,19 +80,20 @@ def iou(a, b) -> float:
 
 
 @torch.no_grad()
-def analyze(encoder: ViT, imgs: torch.Tensor, k: int = 5, boxes: list[list] | None = None) -> dict:
+def analyze(encoder: nn.Module, imgs: torch.Tensor, k: int = 5, boxes: list[list] | None = None) -> dict:
     """imgs: normalised [B, 3, H, W] at the encoder's size; boxes: per image, ground-truth boxes
     in the same pixel frame. -> {"attention_distance": [L][H], "singular_share": [L], "corloc"}."""
     encoder = encoder.eval()
     arch = encoder.arch
     dist = patch_distances(arch.grid, arch.patch_size).to(imgs.device)
     x = encoder.block_input(encoder.embed_patches(imgs))  # [B, 1+N, D]
+    bias = encoder.rel_pos_bias() if hasattr(encoder, "rel_pos_bias") else None  # BEiT-style: shared
     att_dist, shares = [], []
     for block in encoder.blocks:
-        attn = attention_maps(block, x)[:, :, 1:, 1:]
+        attn = attention_maps(block, x, bias)[:, :, 1:, 1:]
         attn = attn / attn.sum(-1, keepdim=True)  # over patch keys
         att_dist.append(mean_attention_distance(attn, dist).tolist())
-        x = block(x)
+        x = block(x) if bias is None else block(x, shared_rel_pos_bias=bias)
         shares.append(singular_value_share(x[:, 1:], k).mean().item())
     out = {"attention_distance": att_dist, "singular_share": shares, "k": k}
     if boxes is not None:
@@ -122,7 +130,7 @@ def plot(result: dict, out: Path) -> list[Path]:
 def main(args) -> int:
     from dbot_ds.data.eval_loader import labelled_loader
     from dbot_ds.data.transforms import normalize_on_device
-    from dbot_ds.probe import load_encoder
+    from dbot_ds.encoders import load_encoder
 
     encoder = load_encoder(args.encoder)
     imgs = []
@@ -144,7 +152,7 @@ def main(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("analyze", help="attention distance, singular-value share, CorLoc (JSON + PNG)")
-    p.add_argument("encoder", help="a stage export (or teacher:<stage-1 export>)")
+    p.add_argument("encoder", help="a stage export, teacher:<stage-1 export>, or a weights file")
     p.add_argument("--manifest", required=True, help="shards of the images to analyse")
     p.add_argument("--boxes", help="JSON list (in manifest order) of per-image lists of [x0, y0, x1, y1] "
                    "boxes in the centre-cropped frame, for CorLoc")

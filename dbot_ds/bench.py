@@ -77,7 +77,8 @@ class PlainEngine:
         from dbot_ds.engine import param_groups
 
         self.module = student
-        self.opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas, device)
+        self.opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas,
+                         cfg.optim.eps, device)
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 \
             else contextlib.nullcontext()
 

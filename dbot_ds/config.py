@@ -12,7 +12,8 @@ import types
 import typing
 from pathlib import Path
 
-from dbot_ds.losses import LOSSES
+from dbot_ds.input_norms import INPUT_NORMS
+from dbot_ds.losses import LOSS_TOKENS, LOSSES
 from dbot_ds.masking import num_visible
 from dbot_ds.models import DecoderArch, ViTArch, vit_arch
 
@@ -29,7 +30,14 @@ class ModelConfig:
     patch_size: int | None = None
     """None: the size's own patch (16, or 14 for vit_huge)."""
     drop_path: float | None = None
-    """Student stochastic depth; None: 0.3 for vit_huge, 0.2 otherwise."""
+    """Student stochastic depth, rising linearly over the encoder blocks and, on a ramp of its
+    own, over the decoder blocks; None: 0.3 for vit_huge, 0.2 otherwise."""
+    family: str = "vit"
+    """vit: MAE's ViT (fixed sin-cos positions, Xavier init); beit: the CLIP recipe's BEiT-style
+    ViT (one relative position bias shared by all blocks, no absolute positions, layer scale,
+    truncated-normal init with depth rescale), which needs model.decoder=false."""
+    layer_scale: float = 0.1
+    """beit: the layer scales' initial value."""
     decoder: bool = True
     """MAE's asymmetric decoder; False: the encoder sees mask tokens in place (recipe ⌘)."""
     decoder_width: int = 512
@@ -37,7 +45,8 @@ class ModelConfig:
     decoder_heads: int = 16
 
     def encoder_arch(self) -> ViTArch:
-        return vit_arch(self.size, img_size=self.img_size, patch_size=self.patch_size)
+        return vit_arch(self.size, img_size=self.img_size, patch_size=self.patch_size, family=self.family,
+                        layer_scale=self.layer_scale if self.family == "beit" else None)
 
     def decoder_arch(self) -> DecoderArch | None:
         if not self.decoder:
@@ -50,12 +59,29 @@ class ModelConfig:
         return 0.3 if self.size == "vit_huge" else 0.2
 
 
+MASK_KINDS = ("random", "block")
+
+
 @dataclasses.dataclass(kw_only=True)
 class MaskConfig:
+    kind: str = "random"
+    """random: MAE's per-patch random masking; block: BEiT's block-wise masking (the CLIP
+    recipe), for the encoder that sees every position (model.decoder=false)."""
     ratio: float = 0.75
+    """random: the masked fraction (visible = int(N x (1 - ratio)), as MAE)."""
+    patches: int | None = None
+    """block: patches to mask per image (the authors' 78 for B, L and H); None: int(N x ratio)."""
+    block_min: int = 16
+    """block: the fewest patches in one block."""
+    block_aspect: float = 0.3
+    """block: blocks' aspect ratio lies in [block_aspect, 1 / block_aspect]."""
     per_image: int = 1
     """Masks per image sharing one teacher forward (data2vec 2.0's trick; the paper uses 1). The
     student sees micro_batch x per_image samples; batch sizes and lr still count images."""
+
+    def num_masked(self, num_patches: int) -> int:
+        """block: patches masked per image (BEiT may fall a few short when blocks stop fitting)."""
+        return self.patches if self.patches is not None else int(num_patches * self.ratio)
 
 
 TEACHER_UPDATES = ("breakpoint", "ema", "ema_cosine")
@@ -71,6 +97,16 @@ class TeacherConfig:
     """Apply the teacher's final LayerNorm to the target."""
     normalize_target: bool = True
     """Parameter-free per-token normalisation of the target (authors' norm_feature_loss)."""
+    project: bool = False
+    """Pass the target through the teacher's output projection (CLIP's visual `proj`: width 512
+    for CLIP-B/16, 768 for L/14): the CLIP recipe's target, ln_post then proj."""
+    heads: int | None = None
+    """A weights file's attention heads, for a width with no standard count (192: 3, 384: 6,
+    768: 12, 1024 / 1280: 16) and no count in its safetensors metadata."""
+    input_norm: str = "auto"
+    """The normalisation the teacher sees its images with. auto: the teacher's own (CLIP's
+    mean/std for CLIP towers, ImageNet's otherwise: the import report says which; an export's
+    meta.json records it); imagenet or clip: override."""
     update: str = "breakpoint"
     """breakpoint: teacher <- student at each stage end; ema / ema_cosine: momentum teacher, 1 stage."""
     momentum: float = 0.9998
@@ -82,8 +118,11 @@ class TeacherConfig:
 @dataclasses.dataclass(kw_only=True)
 class LossConfig:
     kind: str = "smooth_l1"
-    """smooth_l1 or cosine (negative cosine similarity)."""
+    """smooth_l1 or cosine (1 - cosine similarity)."""
     beta: float = 2.0
+    tokens: str = "cls_and_masked"
+    """Tokens the loss averages over: cls_and_masked (main branch) or masked (the CLIP recipe:
+    masked patches only)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -93,6 +132,8 @@ class OptimConfig:
     lr: float | None = None
     """Absolute peak lr; overrides base_lr scaling when set."""
     betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    """AdamW's epsilon (1e-6 in the CLIP recipe)."""
     weight_decay: float = 0.05
     warmup_epochs: float = 40
     min_lr: float = 0.0
@@ -130,6 +171,10 @@ class DataConfig:
     synthetic_size: int | None = None
     """Side of generated images before cropping; None: 5/4 of the model's img_size."""
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    """RandomResizedCrop's area range (aspect ratio 3/4..4/3, bicubic)."""
+    color_jitter: float = 0.0
+    """Brightness, contrast and saturation jitter strength (0.4 in the CLIP recipe's code; the
+    paper's Table A1 lists none); CPU decode only."""
     hflip: bool = True
     num_workers: int = 8
 
@@ -184,6 +229,7 @@ class RunConfig:
             if not ok:
                 problems.append(msg)
 
+        arch = None
         try:
             arch = self.model.encoder_arch()
             self.model.decoder_arch()
@@ -191,7 +237,22 @@ class RunConfig:
         except ValueError as e:
             problems.append(str(e))
         check(self.mask.per_image >= 1, "mask.per_image must be >= 1")
+        check(self.model.family != "beit" or not self.model.decoder,
+              "model.family=beit has no absolute positions for an encoder of the visible patches "
+              "only: use it with model.decoder=false")
+        check(self.mask.kind in MASK_KINDS, f"mask.kind {self.mask.kind!r} is not one of {MASK_KINDS}")
+        if self.mask.kind == "block":
+            check(not self.model.decoder, "mask.kind=block masks a varying number of patches per image, "
+                  "which the asymmetric encoder cannot batch: use it with model.decoder=false")
+            if arch is not None:
+                n = arch.num_patches
+                check(1 <= self.mask.num_masked(n) < n, f"mask.patches must be in 1..{n - 1}")
+            check(self.mask.block_min >= 1 and 0 < self.mask.block_aspect <= 1,
+                  "mask.block_min must be >= 1 and mask.block_aspect in (0, 1]")
         check(self.loss.kind in LOSSES, f"loss.kind {self.loss.kind!r} is not one of {LOSSES}")
+        check(self.loss.tokens in LOSS_TOKENS, f"loss.tokens {self.loss.tokens!r} is not one of {LOSS_TOKENS}")
+        norms = ("auto", *INPUT_NORMS)
+        check(self.teacher.input_norm in norms, f"teacher.input_norm {self.teacher.input_norm!r} is not one of {norms}")
         check(self.teacher.init != "", "this recipe needs a teacher: --set teacher.init=PATH "
               "(a dbot-ds export directory, or timm / DINO / MAE / CLIP weights)")
         check(self.teacher.update in TEACHER_UPDATES,
@@ -211,6 +272,7 @@ class RunConfig:
               f"batch.global_batch {self.batch.global_batch} is not a multiple of "
               f"batch.micro_batch {self.batch.micro_batch}")
         check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs must be >= 0")
+        check(self.optim.eps > 0, "optim.eps must be > 0")
         check(self.data.source in DATA_SOURCES,
               f"data.source {self.data.source!r} is not one of {DATA_SOURCES}")
         check(self.data.decode in ("cpu", "device"), f"data.decode {self.data.decode!r}: cpu or device")
@@ -220,6 +282,9 @@ class RunConfig:
               "data.source=shards needs data.shards (a manifest.json, a brace pattern or a pipe: URL)")
         check(0 < self.data.crop_scale[0] <= self.data.crop_scale[1] <= 1,
               f"data.crop_scale {self.data.crop_scale} must satisfy 0 < lo <= hi <= 1")
+        check(self.data.color_jitter >= 0, "data.color_jitter must be >= 0")
+        check(self.data.color_jitter == 0 or self.data.decode == "cpu",
+              "data.color_jitter runs in the CPU loader workers: use it with data.decode=cpu")
         check(self.checkpoint.keep >= 1, "checkpoint.keep must be >= 1")
         if problems:
             raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))

@@ -19,9 +19,6 @@ from dbot_ds.accel import adamw, fuse_layernorms
 from dbot_ds.config import RunConfig
 from dbot_ds.distributed import World, barrier, export_rendezvous_env
 
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed")
-
-
 def init_distributed(world: World) -> torch.device:
     """Process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
     if not torch.cuda.is_available():
@@ -43,24 +40,26 @@ def shutdown_distributed() -> None:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms (every 1-D tensor), cls/mask tokens and positions."""
+    """No weight decay on biases and other 1-D tensors (norms, layer scales) or on what the model
+    lists in `no_weight_decay()`; everything else decays (as the authors' timm add_weight_decay)."""
+    skip_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES
+        skip = p.ndim <= 1 or name.endswith(".bias") or name in skip_names
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
 
 def initialize(model: nn.Module, ds_config: dict, device: torch.device, lr: float,
-               betas: tuple[float, float], groups: Callable[[nn.Module], list[dict]]):
+               betas: tuple[float, float], groups: Callable[[nn.Module], list[dict]], eps: float = 1e-8):
     """The one deepspeed.initialize: the model on its device (apex LayerNorms when importable),
     AdamW (fused) over `groups(model)`."""
     model.to(device)
     fuse_layernorms(model)  # before the groups are made: it replaces LayerNorm parameters
-    opt = adamw(groups(model), lr, betas, device)
+    opt = adamw(groups(model), lr, betas, eps, device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine
 
@@ -68,7 +67,7 @@ def initialize(model: nn.Module, ds_config: dict, device: torch.device, lr: floa
 def build_engine(student: nn.Module, cfg: RunConfig, ds_config: dict, device: torch.device):
     """A fresh engine and a fresh optimizer: nothing carries over from a previous stage."""
     return initialize(student, ds_config, device, cfg.peak_lr(), cfg.optim.betas,
-                      lambda m: param_groups(m, cfg.optim.weight_decay))
+                      lambda m: param_groups(m, cfg.optim.weight_decay), cfg.optim.eps)
 
 
 def set_lr(engine, lr: float) -> None:

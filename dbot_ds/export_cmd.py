@@ -14,6 +14,7 @@ from dbot_ds.export import META, read_export, write_export
 from dbot_ds.stages import export_meta
 from dbot_ds.student import Student
 from dbot_ds.teacher import encoder_state
+from dbot_ds.teacher_import import HEADS_KEY
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
@@ -36,18 +37,30 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 
 
 def timm_kwargs(encoder: dict) -> dict:
-    """Arguments of timm's VisionTransformer that rebuild the encoder (features only)."""
+    """Arguments of timm's VisionTransformer (or Beit, for the beit family) that rebuild the
+    encoder (features only)."""
     kwargs = {"img_size": encoder["img_size"], "patch_size": encoder["patch_size"],
               "embed_dim": encoder["width"], "depth": encoder["depth"], "num_heads": encoder["heads"],
               "mlp_ratio": encoder["mlp_ratio"], "num_classes": 0}
+    if encoder.get("family") == "beit":
+        return {**kwargs, "global_pool": "", "use_abs_pos_emb": False, "use_shared_rel_pos_bias": True,
+                "init_values": encoder["layer_scale"]}
     if encoder.get("pre_norm"):
         kwargs["pre_norm"] = True
     return kwargs
 
 
+def timm_architecture(encoder: dict) -> tuple[str, str]:
+    """(timm class, a timm model name whose pretrained_cfg fits) for an encoder."""
+    if encoder.get("family") == "beit":
+        return "timm.models.beit.Beit", "beit_base_patch16_224"
+    return "timm.models.vision_transformer.VisionTransformer", "vit_base_patch16_224"
+
+
 def model_card(meta: dict, kwargs: dict, metrics: dict | None) -> str:
     cfg = meta.get("config", {})
     data = cfg.get("data", {})
+    _, timm_name = timm_architecture(meta["encoder"])
     lines = [f"# dBOT ViT encoder (recipe `{meta['recipe']}`, stage {meta['stage']})", "",
              "Pre-trained with dbot-ds: masked knowledge distillation with bootstrapped teachers.", "",
              f"- architecture: ViT, width {kwargs['embed_dim']}, depth {kwargs['depth']}, heads "
@@ -57,7 +70,7 @@ def model_card(meta: dict, kwargs: dict, metrics: dict | None) -> str:
              f"- data: {data.get('source')} {data.get('shards', '')}".rstrip(),
              f"- teacher sha256: {meta.get('teacher_sha256')}", f"- weights sha256 (dbot-ds export): {meta['sha256']}",
              "", "```python", "import timm",
-             "model = timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=0,",
+             f"model = timm.create_model('{timm_name}', pretrained=True, num_classes=0,",
              "    pretrained_cfg_overlay=dict(file='model.safetensors'),",
              f"    **{ {k: v for k, v in kwargs.items() if k != 'num_classes'} })", "```"]
     if metrics:
@@ -75,10 +88,10 @@ def export_timm(source: str | Path, out: str | Path, metrics: dict | None = None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(encoder_state(state), str(out / "model.safetensors"),
-              metadata={"format": "pt", "source_sha256": meta["sha256"]})
+              metadata={"format": "pt", "source_sha256": meta["sha256"], HEADS_KEY: str(meta["encoder"]["heads"])})
     kwargs = timm_kwargs(meta["encoder"])
     (out / "timm_config.json").write_text(json.dumps(
-        {"architecture": "vit", "kwargs": kwargs, "stage": meta["stage"],
+        {"architecture": timm_architecture(meta["encoder"])[0], "kwargs": kwargs, "stage": meta["stage"],
          "recipe": meta["recipe"], "source_sha256": meta["sha256"]}, indent=2) + "\n")
     (out / "README.md").write_text(model_card(meta, kwargs, metrics))
     return out / "model.safetensors"

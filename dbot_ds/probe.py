@@ -19,11 +19,11 @@ from torch import nn
 from dbot_ds.data.eval_loader import labelled_loader
 from dbot_ds.data.shards import read_manifest
 from dbot_ds.data.transforms import normalize_on_device
-from dbot_ds.models import ViT
+from dbot_ds.encoders import load_encoder
 
 
 @torch.no_grad()
-def extract(encoder: ViT, manifest: str, device, pool: str = "avg", batch: int = 256,
+def extract(encoder: nn.Module, manifest: str, device, pool: str = "avg", batch: int = 256,
             workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """-> features [N, D] (float32, CPU), labels [N]."""
     encoder = encoder.to(device).eval()
@@ -71,23 +71,6 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, epochs: int
         return (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
-def load_encoder(source: str) -> ViT:
-    """A dbot-ds stage export, or `teacher:<stage-1 export>`: the exact random teacher that
-    stage 1 distilled from, rebuilt from the export's config and checked by its sha256."""
-    from dbot_ds.config import RunConfig, from_dict
-    from dbot_ds.export import ExportError, read_meta
-    from dbot_ds.stages import initial_teacher_encoder
-    from dbot_ds.teacher import encoder_from_export
-
-    if source.startswith("teacher:"):
-        meta = read_meta(source[len("teacher:"):])
-        encoder, identity = initial_teacher_encoder(from_dict(RunConfig, meta["config"]), verbose=False)
-        if identity != meta["teacher_sha256"]:
-            raise ExportError(f"{source}: the rebuilt teacher does not match the export's teacher_sha256")
-        return encoder
-    return encoder_from_export(source)[0]
-
-
 def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -112,7 +95,8 @@ def main(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("probe", help="linear probe and k-NN on frozen features")
     p.add_argument("encoders", nargs="+",
-                   help="stage export dirs; teacher:<stage-1 export> for the random teacher stage 1 distilled from")
+                   help="stage export dirs; teacher:<stage-1 export> for the random teacher stage 1 distilled "
+                   "from; or weights files (timm, DINO, MAE, CLIP, dbot-ds finetune's model.safetensors)")
     p.add_argument("--train", required=True, help="labelled train manifest.json")
     p.add_argument("--val", required=True, help="labelled validation manifest.json")
     p.add_argument("--pool", choices=["avg", "cls"], default="avg")

@@ -18,17 +18,27 @@ NEEDS_TEACHER = ""  # teacher.init left empty: the run must be given --set teach
 # The paper's recipes read ImageNet shards; the run must be given --set data.shards=MANIFEST.
 _IMAGENET = {"source": "shards", "shards": ""}
 
-_B = {"model": {"size": "vit_base"}, "deepspeed": "vit_base", "batch": {"micro_batch": 256}, "data": _IMAGENET}
+# Main branch (PRETRAIN.md): ViT-B clips the global gradient norm at 3.0, ViT-L/H do not clip.
+_B = {"model": {"size": "vit_base"}, "deepspeed": "vit_base", "batch": {"micro_batch": 256}, "data": _IMAGENET,
+      "optim": {"grad_clip": 3.0}}
 _L = {"model": {"size": "vit_large"}, "deepspeed": "vit_large", "batch": {"micro_batch": 128}, "data": _IMAGENET,
       "teacher": {"random_depth": 0}}  # authors' stage-1 teacher for L/H: patch + position only
 _H = {"model": {"size": "vit_huge"}, "deepspeed": "vit_huge", "batch": {"micro_batch": 128}, "data": _IMAGENET,
       "teacher": {"random_depth": 0}}
-# Recipe ⌘ (data-richer teachers such as CLIP; Table A1 right column).
-_CLIP = {"model": {"decoder": False, "drop_path": 0.1}, "loss": {"kind": "cosine"},
-         "teacher": {"final_norm": True, "init": NEEDS_TEACHER}, "mask": {"ratio": 0.4},
-         "optim": {"betas": [0.9, 0.98], "lr": 3e-3, "warmup_epochs": 10},
-         "data": {"crop_scale": [0.4, 1.0]}, "stages": {"epochs": [1600]}}
-_PRETRAINED = {"teacher": {"init": NEEDS_TEACHER, "random_depth": None}}
+# A CLIP teacher's target: ln_post, then CLIP's visual projection, with no further normalisation.
+_CLIP_TARGET = {"final_norm": True, "project": True, "normalize_target": False}
+# Recipe ⌘ (Table A1 right column; the authors' beit branch: PRETRAIN.md over run.sh's defaults):
+# a BEiT-style student without decoder, block-wise masking of 78 patches (for B, L and H), the
+# loss over masked patches only, 1 stage of 1600 epochs.
+_CLIP = {"model": {"family": "beit", "decoder": False, "drop_path": 0.1, "layer_scale": 0.1},
+         "mask": {"kind": "block", "patches": 78, "block_min": 16, "block_aspect": 0.3},
+         "loss": {"kind": "cosine", "tokens": "masked"},
+         "teacher": {"init": NEEDS_TEACHER, "random_depth": None, **_CLIP_TARGET},
+         "optim": {"betas": [0.9, 0.98], "eps": 1e-6, "lr": 3e-3, "min_lr": 1e-5, "warmup_epochs": 10,
+                   "grad_clip": 3.0},
+         "data": {"crop_scale": [0.4, 1.0], "color_jitter": 0.4}, "stages": {"epochs": [1600]}}
+# Table 1: a pretrained stage-0 teacher, then bootstrapping; 3 stages give every column of it.
+_PRETRAINED = {"teacher": {"init": NEEDS_TEACHER, "random_depth": None}, "stages": {"epochs": [800, 800, 800]}}
 _BIGGER = {"teacher": {"init": NEEDS_TEACHER, "random_depth": None}, "stages": {"epochs": [800]}}
 
 RECIPES: dict[str, dict] = {
@@ -53,25 +63,24 @@ RECIPES: dict[str, dict] = {
     "vit_base_dense": {"base": "vit_base", "stages": {"epochs": [800, 800, 800]}},
     "vit_large_dense": {"base": "vit_large", "stages": {"epochs": [800, 800, 800]}},
     "vit_huge_dense": {"base": "vit_huge", "stages": {"epochs": [800, 800, 800]}},
-    # Table 1: a pretrained stage-0 teacher (DeiT, DINO, MAE, CLIP weights), then bootstrapping.
     "vit_base_from_deit": {"base": "vit_base", **_PRETRAINED},
     "vit_base_from_dino": {"base": "vit_base", **_PRETRAINED},
     "vit_base_from_mae": {"base": "vit_base", **_PRETRAINED},
-    "vit_base_from_clip": {"base": "vit_base", **_PRETRAINED},
+    # Table 8 (asymmetric) / B7: a CLIP teacher with the default recipe, 1 stage x 1600 epochs.
+    "vit_base_from_clip": {"base": "vit_base", "teacher": {"init": NEEDS_TEACHER, "random_depth": None,
+                                                           **_CLIP_TARGET}, "stages": {"epochs": [1600]}},
     # Table 7: one stage from a bigger, 2-stage-distilled teacher (a dbot-ds export).
     "vit_base_teacher_large": {"base": "vit_base", **_BIGGER},
     "vit_base_teacher_huge": {"base": "vit_base", **_BIGGER},
     "vit_large_teacher_huge": {"base": "vit_large", **_BIGGER},
-    # Tables 8/9: CLIP teachers with recipe ⌘.
+    # Tables 8/9: CLIP teachers with recipe ⌘ (CLIP-B/16 for B, CLIP-L/14 for L and H).
     "clip_vit_base": {"base": "vit_base", **_CLIP},
-    "clip_vit_large": deep_merge({"base": "vit_large", **_CLIP},
-                                 {"teacher": {"random_depth": None}, "batch": {"micro_batch": 128}}),
-    "clip_vit_huge": deep_merge({"base": "vit_huge", **_CLIP},
-                                {"teacher": {"random_depth": None}, "batch": {"micro_batch": 64}}),
+    "clip_vit_large": deep_merge({"base": "vit_large", **_CLIP}, {"batch": {"micro_batch": 128}}),
+    "clip_vit_huge": deep_merge({"base": "vit_huge", **_CLIP}, {"batch": {"micro_batch": 64}}),
     # Table 6 ablations (ViT-B, random teacher). 6a: 1600 epochs split into 1, 2 or 3 stages.
     "abl_split_1600": {"base": "vit_base", "stages": {"epochs": [1600]}},
     "abl_split_800_800": {"base": "vit_base"},
-    "abl_split_533x3": {"base": "vit_base", "stages": {"epochs": [533, 533, 534]}},
+    "abl_split_533x3": {"base": "vit_base", "stages": {"epochs": [533, 533, 533]}},  # as the paper
     # 6b: epochs per stage.
     "abl_epochs_400_800": {"base": "vit_base", "stages": {"epochs": [400, 800]}},
     "abl_epochs_800_400": {"base": "vit_base", "stages": {"epochs": [800, 400]}},
@@ -90,23 +99,31 @@ RECIPES: dict[str, dict] = {
     "abl_mask_080": {"base": "vit_base", "mask": {"ratio": 0.8}},
 }
 
-# recipe -> (paper table and row), for `dbot-ds recipes` and the README.
+# recipe -> the paper's table / row and the ImageNet top-1 (fine-tuned) it reports, for
+# `dbot-ds recipes` and the README.
 PAPER_ROWS = {
-    "vit_base": "Tab. 7 / headline: ViT-B 84.5", "vit_large": "Tab. 7: ViT-L 86.6",
-    "vit_huge": "Tab. 7: ViT-H 87.4", "vit_base_dense": "Tab. 7 det./seg. (3 stages), B",
-    "vit_large_dense": "Tab. 7 det./seg., L", "vit_huge_dense": "Tab. 7 det./seg., H",
-    "vit_base_from_deit": "Tab. 1: DeiT teacher", "vit_base_from_dino": "Tab. 1: DINO teacher",
-    "vit_base_from_mae": "Tab. 1: MAE teacher", "vit_base_from_clip": "Tab. 1 / B7: CLIP teacher",
-    "vit_base_teacher_large": "Tab. 7: B from L teacher", "vit_base_teacher_huge": "Tab. 7: B from H teacher",
-    "vit_large_teacher_huge": "Tab. 7: L from H teacher", "clip_vit_base": "Tab. 8/9: CLIP, B 85.7",
-    "clip_vit_large": "Tab. 8/9: CLIP, L 87.8", "clip_vit_huge": "Tab. 8/9: CLIP, H 88.5",
-    "abl_split_1600": "Tab. 6a: 1 stage x 1600", "abl_split_800_800": "Tab. 6a: 800-800 (default)",
-    "abl_split_533x3": "Tab. 6a: 533 x 3", "abl_epochs_400_800": "Tab. 6b: 400-800",
-    "abl_epochs_800_400": "Tab. 6b: 800-400", "abl_epochs_800_1200": "Tab. 6b: 800-1200",
-    "abl_ema_09998": "Tab. 6c: EMA 0.9998", "abl_ema_09999": "Tab. 6c: EMA 0.9999",
-    "abl_ema_cosine": "Tab. 6c: cosine(0.996, 1)", "abl_target_ln": "Tab. 6d: target LN on",
-    "abl_keep_student": "Tab. 6e: student re-init off", "abl_mask_070": "Tab. 6f: mask 0.7",
-    "abl_mask_080": "Tab. 6f: mask 0.8",
+    "vit_base": "Tab. 2, 7, 8: ViT-B 84.5", "vit_large": "Tab. 2, 7: ViT-L 86.6",
+    "vit_huge": "Tab. 2, 7: ViT-H 87.4",
+    "vit_base_dense": "Tab. 3, 4: ViT-B det. 52.7 / seg. 49.5 (3 stages)",
+    "vit_large_dense": "Tab. 3, 4: ViT-L det. 56.0 / seg. 54.5 (3 stages)",
+    "vit_huge_dense": "det./seg. protocol (3 stages), ViT-H: no number in the paper",
+    "vit_base_from_deit": "Tab. 1: DeiT teacher, stages 1-3: 83.6 / 84.3 / 84.3",
+    "vit_base_from_dino": "Tab. 1: DINO teacher, stages 1-3: 84.2 / 84.5 / 84.4",
+    "vit_base_from_mae": "Tab. 1: MAE teacher, stages 1-3: 84.3 / 84.4 / 84.3",
+    "vit_base_from_clip": "Tab. 8 (asym.), B7: CLIP teacher, 1 x 1600: 84.9",
+    "vit_base_teacher_large": "Tab. 7: B from a 2-stage L teacher: 84.6",
+    "vit_base_teacher_huge": "Tab. 3, 4, 7 (dBOT†): B from a 2-stage H teacher: 84.6",
+    "vit_large_teacher_huge": "Tab. 3, 4, 7 (dBOT†): L from a 2-stage H teacher: 86.8",
+    "clip_vit_base": "Tab. 2, 3, 4, 8, 9: ⌘ CLIP-B/16 teacher, ViT-B 85.7",
+    "clip_vit_large": "Tab. 2, 3, 4, 9: ⌘ CLIP-L/14 teacher, ViT-L 87.8",
+    "clip_vit_huge": "Tab. 2, 9: ⌘ CLIP-L/14 teacher, ViT-H 88.5",
+    "abl_split_1600": "Tab. 6a, B7: 1 stage x 1600: 83.6", "abl_split_800_800": "Tab. 6a: 800-800: 84.5",
+    "abl_split_533x3": "Tab. 6a: 533 x 3: 84.4", "abl_epochs_400_800": "Tab. 6b: 400-800: 84.3",
+    "abl_epochs_800_400": "Tab. 6b: 800-400: 84.3", "abl_epochs_800_1200": "Tab. 6b: 800-1200: 84.3",
+    "abl_ema_09998": "Tab. 6c: EMA 0.9998: 83.6", "abl_ema_09999": "Tab. 6c: EMA 0.9999: 83.9",
+    "abl_ema_cosine": "Tab. 6c: cosine(0.996, 1): 82.1", "abl_target_ln": "Tab. 6d: target LN on: 84.3",
+    "abl_keep_student": "Tab. 6e: student re-init off: 84.2", "abl_mask_070": "Tab. 6f: mask 0.7: 84.3",
+    "abl_mask_080": "Tab. 6f: mask 0.8: 84.2",
 }
 
 

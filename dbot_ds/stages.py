@@ -19,7 +19,8 @@ from dbot_ds.export import ExportError, read_export, state_sha256
 from dbot_ds.seeding import derive_seed
 from dbot_ds.student import Student
 from dbot_ds.files import file_sha256
-from dbot_ds.teacher import (Teacher, check_fits, encoder_from_export, random_encoder,
+from dbot_ds.input_norms import STUDENT_NORM
+from dbot_ds.teacher import (Teacher, TeacherWeights, check_fits, encoder_from_export, random_encoder,
                              random_teacher_arch)
 from dbot_ds.teacher_import import import_teacher, resize_grid
 
@@ -53,68 +54,73 @@ def export_meta(cfg: RunConfig, *, stage: int, steps: int, teacher_sha256: str, 
     return {"stage": stage, "recipe": cfg.recipe, "steps": steps, "teacher_sha256": teacher_sha256,
             "encoder": cfg.model.encoder_arch().to_dict(), "decoder": decoder.to_dict() if decoder else None,
             "target_width": target_width, "drop_path": cfg.model.resolved_drop_path(),
+            "input_norm": STUDENT_NORM,  # what its images were normalised with, as a teacher sees them
             "config": cfg.to_dict(), **extra}
 
 
-def _teacher(cfg: RunConfig, encoder, identity: str, dtype: torch.dtype, **kw) -> Teacher:
-    return Teacher(encoder, identity, final_norm=cfg.teacher.final_norm,
-                   normalize=cfg.teacher.normalize_target, dtype=dtype, **kw)
+def build_teacher(cfg: RunConfig, weights: TeacherWeights, dtype: torch.dtype, **kw) -> Teacher:
+    """The Teacher the run config asks for around checked weights: target layer, projection,
+    per-token normalisation, and the input normalisation of the weights (or the config's)."""
+    norm = weights.input_norm if cfg.teacher.input_norm == "auto" else cfg.teacher.input_norm
+    return Teacher(weights.encoder, weights.identity, final_norm=cfg.teacher.final_norm,
+                   project=cfg.teacher.project, normalize=cfg.teacher.normalize_target,
+                   input_norm=norm, dtype=dtype, **kw)
 
 
-def initial_teacher_encoder(cfg: RunConfig, verbose: bool = True):
-    """Stage 1's teacher encoder and its identity. A pretrained teacher (a dbot-ds export, or a
-    timm / DINO / MAE / CLIP weights file) is read, checked and put on the student's token grid."""
+def initial_teacher_encoder(cfg: RunConfig, verbose: bool = True) -> TeacherWeights:
+    """Stage 1's teacher. A pretrained teacher (a dbot-ds export, or a timm / DINO / MAE / CLIP
+    weights file) is read, checked and put on the student's token grid."""
     student_arch = cfg.model.encoder_arch()
     if cfg.teacher.init == "random":
         encoder = random_encoder(random_teacher_arch(student_arch, cfg.teacher.random_depth),
                                  derive_seed(cfg.seed, "random-teacher"))
-        return encoder, state_sha256(encoder.state_dict())
+        return TeacherWeights(encoder, state_sha256(encoder.state_dict()), STUDENT_NORM)
     source = Path(cfg.teacher.init)
     if source.is_dir() or not source.exists():
         encoder, meta = encoder_from_export(source)
-        identity, fixed, report = meta["sha256"], True, {"layout": "dbot-ds export"}
+        identity, report = meta["sha256"], {"layout": "dbot-ds export",
+                                            "input_norm": meta.get("input_norm", STUDENT_NORM)}
     else:
-        encoder, report = import_teacher(source)
-        identity, fixed = file_sha256(source), False
+        encoder, report = import_teacher(source, cfg.teacher.heads)
+        identity = file_sha256(source)
     check_fits(encoder.arch, student_arch, str(source))
-    encoder, resized = resize_grid(encoder, student_arch.grid, fixed_sincos=fixed)
+    encoder, resized = resize_grid(encoder, student_arch.grid)
     if verbose:
         print(f"teacher {source}: {report['layout']}, {encoder.arch.width} wide, {encoder.arch.depth} deep, "
               f"patch {encoder.arch.patch_size}; mapped {report.get('mapped', 'all')} tensors, "
-              f"converted {report.get('converted', 0)}, ignored {report.get('ignored', [])}"
+              f"converted {report.get('converted', 0)}, ignored {report.get('ignored', [])}; "
+              f"input normalisation {report['input_norm']}"
+              + (f" (run config: {cfg.teacher.input_norm})" if cfg.teacher.input_norm != "auto" else "")
+              + (f"; output projection to {encoder.arch.proj_dim}" if encoder.arch.proj_dim else "")
               + (f"; interpolated {resized}" if resized else ""), flush=True)
-    return encoder, identity
+    return TeacherWeights(encoder, identity, report["input_norm"])
 
 
-def previous_stage_encoder(cfg: RunConfig, run_dir: Path, stage: int):
+def previous_stage_encoder(cfg: RunConfig, run_dir: Path, stage: int) -> TeacherWeights:
     """Stage k > 1's teacher: stage k-1's export, verified by sha256 and checked against the
-    student's grid. -> (encoder, identity)."""
+    student's grid."""
     source = export_dir(run_dir, stage - 1)
     try:
         encoder, meta = encoder_from_export(source)
     except ExportError as e:
         raise ExportError(f"stage {stage} needs stage {stage - 1}'s export as its teacher: {e}") from e
     check_fits(encoder.arch, cfg.model.encoder_arch(), f"of stage {stage} ({source})")
-    return encoder, meta["sha256"]
+    return TeacherWeights(encoder, meta["sha256"], meta.get("input_norm", STUDENT_NORM))
 
 
 def breakpoint_teacher(cfg: RunConfig, run_dir: Path, stage: int, dtype: torch.dtype,
-                       checked=None) -> Teacher:
+                       checked: TeacherWeights | None = None) -> Teacher:
     """Stage 1: random or pretrained; stage k > 1: the export of stage k-1, verified by sha256.
-    checked: this stage's (encoder, identity) when already read and checked before the run."""
-    if checked:
-        encoder, identity = checked
-    elif stage == 1:
-        encoder, identity = initial_teacher_encoder(cfg)
-    else:
-        encoder, identity = previous_stage_encoder(cfg, run_dir, stage)
-    return _teacher(cfg, encoder, identity, dtype)
+    checked: this stage's teacher when already read and checked before the run."""
+    if checked is None:
+        checked = initial_teacher_encoder(cfg) if stage == 1 else previous_stage_encoder(cfg, run_dir, stage)
+    return build_teacher(cfg, checked, dtype)
 
 
 def ema_teacher(cfg: RunConfig, student: Student, bf16: bool) -> Teacher:
     """A momentum teacher starts as a copy of the student's encoder and keeps fp32 weights."""
-    encoder = copy.deepcopy(student.encoder)
-    return _teacher(cfg, encoder, "ema", torch.float32, autocast=torch.bfloat16 if bf16 else None)
+    weights = TeacherWeights(copy.deepcopy(student.encoder), "ema", STUDENT_NORM)
+    return build_teacher(cfg, weights, torch.float32, autocast=torch.bfloat16 if bf16 else None)
 
 
 def fresh_student(cfg: RunConfig, stage: int, target_width: int) -> Student:

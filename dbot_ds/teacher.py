@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -14,41 +15,70 @@ from torch import nn
 from dbot_ds.accel import CudaGraphed, cuda_graphs_available
 from dbot_ds.config import ConfigError
 from dbot_ds.export import ExportError, read_export
+from dbot_ds.input_norms import INPUT_NORMS, STUDENT_NORM
 from dbot_ds.losses import normalize_tokens
-from dbot_ds.models import ViT, ViTArch
+from dbot_ds.models import ViTArch, build_encoder
+
+
+class TeacherWeights(NamedTuple):
+    """A teacher encoder as read and checked, before it becomes a Teacher."""
+    encoder: nn.Module
+    identity: str     # sha256 of its weights (an export's, or the weights file's)
+    input_norm: str   # the normalisation its training images had: a key of INPUT_NORMS
 
 
 class Teacher(nn.Module):
-    """Wraps a ViT encoder; `targets` gives the last block's tokens (cls + patches)."""
+    """Wraps a ViT encoder; `targets` gives its last block's tokens (cls + patches), optionally
+    through its final norm and CLIP's projection, optionally normalised per token.
 
-    def __init__(self, encoder: ViT, identity: str, *, final_norm: bool = False,
-                 normalize: bool = True, dtype: torch.dtype = torch.float32,
-                 autocast: torch.dtype | None = None):
+    It receives the student's images (normalised with STUDENT_NORM) and sees them as it was
+    trained to: a CLIP teacher renormalises them to CLIP's mean/std."""
+
+    def __init__(self, encoder: nn.Module, identity: str, *, final_norm: bool = False,
+                 project: bool = False, normalize: bool = True, input_norm: str = STUDENT_NORM,
+                 dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None):
         """dtype: the weights' dtype (bf16 for a frozen teacher under bf16); autocast: compute
         dtype for fp32 weights that keep changing (the EMA teacher)."""
         super().__init__()
+        if project and getattr(encoder, "proj", None) is None:
+            raise ConfigError("teacher.project=true needs a teacher with an output projection (CLIP's "
+                              "visual `proj`); this teacher has none: set teacher.project=false")
         self.encoder = encoder.to(dtype).eval().requires_grad_(False)
         self.identity = identity  # sha256 of its weights, or "ema"
-        self.final_norm, self.normalize, self.dtype, self.autocast = final_norm, normalize, dtype, autocast
+        self.final_norm, self.project, self.normalize = final_norm, project, normalize
+        self.input_norm, self.dtype, self.autocast = input_norm, dtype, autocast
+        scale, shift = renormalization(STUDENT_NORM, input_norm)
+        self.register_buffer("in_scale", scale, persistent=False)  # [1, 3, 1, 1]
+        self.register_buffer("in_shift", shift, persistent=False)
         self.graphed: CudaGraphed | None = None
 
     @property
     def arch(self) -> ViTArch:
         return self.encoder.arch
 
+    @property
+    def target_width(self) -> int:
+        return self.arch.proj_dim if self.project else self.arch.width
+
     def train(self, mode: bool = True):
         return super().train(False)  # always eval: no drop path in the teacher
 
+    def forward_fn(self):
+        # the encoder, not self: no reference cycle keeps a replaced teacher's graph pool alive
+        return functools.partial(self.encoder, final_norm=self.final_norm, project=self.project)
+
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, 3, H, W] -> float32 targets [B, 1+N, Dt], a normal (non-inference) tensor."""
+        """imgs [B, 3, H, W] (student-normalised) -> float32 targets [B, 1+N, Dt], a normal
+        (non-inference) tensor."""
         amp = (torch.autocast(imgs.device.type, dtype=self.autocast) if self.autocast
                else contextlib.nullcontext())
         with torch.inference_mode(), amp:
+            if self.input_norm != STUDENT_NORM:
+                imgs = imgs.float() * self.in_scale + self.in_shift
             size = self.encoder.arch.img_size
             if imgs.shape[-1] != size:  # a teacher of another patch size sees the same image
-                imgs = F.interpolate(imgs, size=(size, size), mode="bicubic", antialias=True)
-            encode = self.graphed or functools.partial(self.encoder, final_norm=self.final_norm)
-            feats = encode(imgs.to(self.dtype))
+                imgs = F.interpolate(imgs.float(), size=(size, size), mode="bicubic", antialias=True)
+            feats = (self.graphed or self.forward_fn())(imgs.to(self.dtype))
         # Outside inference_mode a functional op makes a normal tensor, and a copy: a graph's
         # static output is overwritten by the next replay.
         return normalize_tokens(feats.float()) if self.normalize else feats.to(torch.float32, copy=True)
@@ -58,26 +88,32 @@ class Teacher(nn.Module):
         device without CUDA graphs, warn and stay eager. Returns whether graphs are used."""
         if not cuda_graphs_available(next(self.encoder.parameters()).device):
             return False
-        # the encoder, not self: no reference cycle keeps a replaced teacher's graph pool alive
-        self.graphed = CudaGraphed(functools.partial(self.encoder, final_norm=self.final_norm))
+        self.graphed = CudaGraphed(self.forward_fn())
         return True
 
 
-def random_encoder(arch: ViTArch, seed: int) -> ViT:
+def renormalization(source: str, target: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1, 3, 1, 1] taking images normalised with `source`'s mean/std to `target`'s:
+    (x * std_s + mean_s - mean_t) / std_t."""
+    (mean_s, std_s), (mean_t, std_t) = (torch.tensor(INPUT_NORMS[n], dtype=torch.float64) for n in (source, target))
+    scale, shift = std_s / std_t, (mean_s - mean_t) / std_t
+    return scale.float().view(1, 3, 1, 1), shift.float().view(1, 3, 1, 1)
+
+
+def random_encoder(arch: ViTArch, seed: int) -> nn.Module:
     """A random ViT built from `seed` alone: identical on every rank, global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ViT(arch)
+        return build_encoder(arch)
 
 
 def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def encoder_from_export(path: str | Path) -> tuple[ViT, dict]:
+def encoder_from_export(path: str | Path) -> tuple[nn.Module, dict]:
     state, meta = read_export(path)
-    arch = ViTArch(**meta["encoder"])
-    encoder = ViT(arch)
+    encoder = build_encoder(ViTArch(**meta["encoder"]))
     missing, unexpected = encoder.load_state_dict(encoder_state(state), strict=False)
     if missing or unexpected:
         raise ExportError(f"{path}: weights do not fit the architecture in meta.json "

@@ -3,22 +3,26 @@
 - timm state dicts of ViTs (DeiT, DINO, MAE, CLIP ViTs such as vit_base_patch16_clip_224);
 - the original DINO and MAE releases (timm key names inside `teacher` / `model` wrappers, with
   `module.` / `backbone.` prefixes);
-- OpenAI CLIP and open_clip checkpoints (the `visual.*` tower).
+- OpenAI CLIP and open_clip checkpoints (the `visual.*` tower, with its projection `proj`).
 Files are data: safetensors, or torch.load(weights_only=True). The architecture (width, depth,
-patch, grid, pre-norm, patch bias) comes from the weights; heads from the width (ViT convention).
+patch, grid, pre-norm, patch bias, CLIP's projection) comes from the weights; heads from the
+width (ViT convention). A CLIP tower (one with CLIP's pre-norm `ln_pre`) was trained on images
+normalised with CLIP's mean/std and sees them so; every other teacher ImageNet's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import torch
+from torch import nn
+from safetensors import safe_open
 from safetensors.torch import load_file
-from timm.layers import resample_abs_pos_embed
-
 from dbot_ds.export import ExportError
-from dbot_ds.models import ViT, ViTArch
+from dbot_ds.models import ViTArch, build_encoder
+from dbot_ds.models.pos_embed import resample_pos_table
 
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 WRAPPERS = ("teacher", "model", "state_dict", "module", "target_encoder")
@@ -39,7 +43,11 @@ OPENAI = [  # OpenAI CLIP visual tower -> timm VisionTransformer
     (r"visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"blocks.\1.attn.proj."),
     (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"blocks.\1.mlp.fc1."),
     (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"blocks.\1.mlp.fc2."),
+    (r"visual\.proj", "proj.weight"),  # [width, out] applied as x @ proj: transposed below
 ]
+
+
+HEADS_KEY = "num_heads"  # safetensors metadata that dbot-ds writes beside timm-named weights
 
 
 def read_weights(path: str | Path) -> dict:
@@ -82,6 +90,8 @@ def to_timm(sd: dict) -> tuple[dict, str, list[str], list[str]]:
                         v = v.reshape(1, 1, -1)
                     elif new == "pos_embed":
                         v = v.unsqueeze(0)
+                    elif new == "proj.weight":
+                        v = v.t().contiguous()
                     mapped[new] = v
                     renamed.append(k)
                     break
@@ -92,29 +102,61 @@ def to_timm(sd: dict) -> tuple[dict, str, list[str], list[str]]:
         raise ExportError("unrecognised teacher layout: no patch_embed.proj.weight (timm, DINO, MAE) and "
                           "no visual.transformer.resblocks (OpenAI CLIP / open_clip)")
     keep = {k: v for k, v in sd.items() if not IGNORED.match(k)}
-    return keep, "timm", [], sorted(set(sd) - set(keep))
+    renamed = []
+    if "norm_pre.weight" in sd and "head.weight" in sd:  # a timm CLIP tower: its head is CLIP's proj
+        if "head.bias" in sd and sd["head.bias"].abs().max() > 0:
+            raise ExportError("this CLIP tower's head has a non-zero bias: not CLIP's projection "
+                              "(timm writes CLIP's `proj` as head.weight with a zero bias)")
+        keep["proj.weight"] = sd["head.weight"]
+        renamed.append("head.weight")
+    if "norm.weight" not in sd and "fc_norm.weight" in sd:  # fine-tuned with average pooling
+        keep.update({"norm.weight": sd["fc_norm.weight"], "norm.bias": sd["fc_norm.bias"]})
+        renamed += ["fc_norm.weight", "fc_norm.bias"]
+    return keep, "timm", renamed, sorted(set(sd) - set(keep) - set(renamed))
+
+
+def file_heads(path: Path) -> int | None:
+    """The head count a safetensors file states in its metadata (dbot-ds writes it), if any."""
+    if path.suffix != ".safetensors":
+        return None
+    with safe_open(str(path), "pt") as f:
+        value = (f.metadata() or {}).get(HEADS_KEY)
+    return int(value) if value else None
 
 
 def infer_arch(sd: dict, layout: str, heads: int | None = None) -> ViTArch:
     w = sd["patch_embed.proj.weight"]
     width, patch = w.shape[0], w.shape[-1]
+    heads = heads or HEADS_BY_WIDTH.get(width)
+    if heads is None:  # the weights do not tell; a guess would give a silently different teacher
+        raise ExportError(f"a {width}-wide ViT has no standard head count ({', '.join(f'{w}: {h}' for w, h in HEADS_BY_WIDTH.items())}): "
+                          "give it (teacher.heads=N for a teacher)")
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
     tokens = sd["pos_embed"].shape[1] - 1
     grid = int(round(tokens ** 0.5))
     if grid * grid != tokens:
         raise ExportError(f"pos_embed has {tokens} patch positions (+cls): not a square grid")
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width if depth else 4.0
-    return ViTArch(width=width, depth=depth, heads=heads or HEADS_BY_WIDTH.get(width, max(1, width // 64)),
+    proj = sd.get("proj.weight")
+    return ViTArch(width=width, depth=depth, heads=heads,
                    patch_size=patch, img_size=grid * patch, mlp_ratio=mlp_ratio,
                    pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
-                   act="quick_gelu" if layout == "openai_clip" else "gelu")
+                   act="quick_gelu" if layout == "openai_clip" else "gelu",
+                   norm_eps=1e-5 if "norm_pre.weight" in sd else 1e-6,  # CLIP towers: torch's default
+                   proj_dim=proj.shape[0] if proj is not None else None)
 
 
-def import_teacher(path: str | Path, heads: int | None = None) -> tuple[ViT, dict]:
-    """Build a ViT from a weights file; report what was mapped, converted and ignored."""
+def input_norm_of(arch: ViTArch) -> str:
+    """CLIP towers (pre-norm) were trained on CLIP-normalised images; the rest on ImageNet's."""
+    return "clip" if arch.pre_norm else "imagenet"
+
+
+def import_teacher(path: str | Path, heads: int | None = None) -> tuple[nn.Module, dict]:
+    """Build a ViT from a weights file; report what was mapped, converted and ignored, and the
+    input normalisation the teacher was trained with."""
     state, layout, renamed, ignored = to_timm(unwrap(read_weights(path)))
-    arch = infer_arch(state, layout, heads)
-    encoder = ViT(arch)
+    arch = infer_arch(state, layout, heads or file_heads(Path(path)))
+    encoder = build_encoder(arch)
     own = set(encoder.state_dict())
     missing = sorted(own - set(state))
     if missing:
@@ -125,23 +167,23 @@ def import_teacher(path: str | Path, heads: int | None = None) -> tuple[ViT, dic
         raise ExportError(f"{path}: weights the {layout} teacher does not know: {', '.join(unexpected[:12])}")
     encoder.load_state_dict(state, strict=True)
     report = {"layout": layout, "mapped": len(state), "converted": len(renamed), "ignored": ignored,
-              "architecture": arch.to_dict()}
+              "architecture": arch.to_dict(), "input_norm": input_norm_of(arch),
+              "projection": arch.proj_dim}
     return encoder, report
 
 
-def resize_grid(encoder: ViT, grid: int, fixed_sincos: bool) -> tuple[ViT, str | None]:
-    """The same encoder on a grid x grid token grid (its input resized to grid x patch pixels):
-    learned position embeddings are interpolated (bicubic, as timm), sin-cos ones recomputed."""
+def resize_grid(encoder: nn.Module, grid: int) -> tuple[nn.Module, str | None]:
+    """The same encoder on a grid x grid token grid (its input resized to grid x patch pixels).
+    Its position table, learned or sin-cos, is resampled bicubically as the authors'
+    interpolate_pos_encoding does at every forward (done once here)."""
     arch = encoder.arch
     if arch.grid == grid:
         return encoder, None
-    import dataclasses
-
-    new = ViT(dataclasses.replace(arch, img_size=grid * arch.patch_size))
+    if arch.family == "beit":
+        raise ExportError(f"a BEiT-style teacher's relative position bias is defined on its own "
+                          f"{arch.grid}x{arch.grid} grid: use it with a student of that grid")
+    new = build_encoder(dataclasses.replace(arch, img_size=grid * arch.patch_size))
     state = encoder.state_dict()
-    if fixed_sincos:
-        state["pos_embed"] = new.pos_embed
-    else:
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], (grid, grid), num_prefix_tokens=1)
+    state["pos_embed"] = resample_pos_table(state["pos_embed"], grid)
     new.load_state_dict(state, strict=True)
     return new, f"pos_embed {arch.grid}x{arch.grid} -> {grid}x{grid}, input {arch.img_size} -> {new.arch.img_size} px"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from dbot_ds.distributed import World, barrier, world_from_env
 from dbot_ds.ds_config import compute_dtype, resolve_ds_config, uses_bf16
 from dbot_ds.export import read_export, write_export
 from dbot_ds.losses import masked_distill_loss
-from dbot_ds.masking import random_masking
+from dbot_ds.masking import Masks, block_masking, random_masking
 from dbot_ds.metrics import LossWindow, MetricsLog
 from dbot_ds.schedule import ema_momentum_at, lr_at
 from dbot_ds.seeding import derive_seed
@@ -69,16 +70,36 @@ def train_micro_step(eng, teacher: Teacher, batch, cfg: RunConfig,
     """One micro-batch: teacher targets, masked student forward, loss, backward, (optimizer) step.
     Returns the loss as a device tensor: no host synchronisation here."""
     imgs = batch_to_device(batch, device, dtype, cfg.model.img_size)  # [B, 3, H, W]
+    loss = distill_loss(eng, teacher, imgs, cfg)
+    eng.backward(loss)
+    eng.step()
+    return loss.detach()
+
+
+def distill_loss(student, teacher: Teacher, imgs: torch.Tensor, cfg: RunConfig,
+                 masks: Masks | None = None) -> torch.Tensor:
+    """The masked distillation loss of one micro-batch of normalised images [B, 3, H, W]; masks
+    are drawn here unless given."""
     target = teacher.targets(imgs)                                 # [B, 1+N, Dt]
     if cfg.mask.per_image > 1:  # one teacher forward, K masked views of each image
         imgs = imgs.repeat_interleave(cfg.mask.per_image, dim=0)  # [B*K, 3, H, W]
         target = target.repeat_interleave(cfg.mask.per_image, dim=0)
-    masks = random_masking(imgs.shape[0], target.shape[1] - 1, cfg.mask.ratio, device=device)
-    pred = eng(imgs, masks)                                        # [B, 1+N, Dt]
-    loss = masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta)
-    eng.backward(loss)
-    eng.step()
-    return loss.detach()
+    if masks is None:
+        masks = draw_masks(cfg, imgs.shape[0], imgs.device)
+    pred = student(imgs, masks)                                    # [B, 1+N, Dt]
+    return masked_distill_loss(pred, target, masks.mask, kind=cfg.loss.kind, beta=cfg.loss.beta,
+                               tokens=cfg.loss.tokens)
+
+
+def draw_masks(cfg: RunConfig, batch: int, device: torch.device) -> Masks:
+    """This micro-step's masks, from the generators seeded for it: random masking on the device,
+    or BEiT block masking from a python RNG seeded by the (CPU) torch generator."""
+    arch = cfg.model.encoder_arch()
+    if cfg.mask.kind == "block":
+        rng = random.Random(int(torch.randint(2**62, ())))
+        return block_masking(batch, arch.grid, cfg.mask.num_masked(arch.num_patches), rng, device=device,
+                             min_block=cfg.mask.block_min, min_aspect=cfg.mask.block_aspect)
+    return random_masking(batch, arch.num_patches, cfg.mask.ratio, device=device)
 
 
 def setup(cfg: RunConfig, out: Path) -> Run:
@@ -119,7 +140,7 @@ def start_stage(run: Run, stage: int, checked_teacher=None):
     teacher = None
     if not run.ema:
         teacher = breakpoint_teacher(cfg, run.out, stage, run.dtype, checked_teacher).to(run.device)
-    width = teacher.arch.width if teacher else cfg.model.encoder_arch().width
+    width = teacher.target_width if teacher else cfg.model.encoder_arch().width
     student = stage_student(cfg, run.out, stage, width)
     if not ds_engine.replicas_identical(student):
         raise RuntimeError(f"stage {stage}: the re-initialised student differs between ranks")
@@ -147,7 +168,7 @@ def fast_paths(cfg: RunConfig, teacher: Teacher, student: nn.Module, device: tor
 def compile_student(cfg: RunConfig, student: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
     n = cfg.batch.micro_batch * cfg.mask.per_image
     imgs = torch.zeros(n, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
-    masks = random_masking(n, cfg.model.encoder_arch().num_patches, cfg.mask.ratio, device=device)
+    masks = draw_masks(cfg, n, device)
     return try_compile(student, cfg.compile, imgs, masks, grad=True)  # warmed up as it trains
 
 

@@ -10,23 +10,51 @@ from dbot_ds.ds_config import resolve_ds_config
 def test_recipes_that_need_a_teacher_say_so():
     with pytest.raises(ConfigError, match="needs a teacher: --set teacher.init=PATH"):
         load_config("clip_vit_base", None, [PAPER_DATA])
-    cfg = load_config("clip_vit_base", None, ["teacher.init=/weights/clip.safetensors", PAPER_DATA])
-    assert (cfg.model.decoder, cfg.loss.kind, cfg.mask.ratio, cfg.teacher.final_norm) == (False, "cosine", 0.4, True)
-    assert cfg.optim.betas == (0.9, 0.98) and cfg.peak_lr() == 3e-3 and cfg.optim.warmup_epochs == 10
-    assert cfg.data.crop_scale == (0.4, 1.0) and cfg.model.drop_path == 0.1 and cfg.stages.epochs == [1600]
+
+
+
+@pytest.mark.parametrize("name", ["clip_vit_base", "clip_vit_large", "clip_vit_huge"])
+def test_the_clip_recipes_are_the_authors_beit_branch(name):
+    cfg = load_config(name, None, ["teacher.init=/weights/clip.safetensors", PAPER_DATA])
+    # student: BEiT-style, no decoder, layer scale 0.1, drop path 0.1 for every size
+    assert (cfg.model.family, cfg.model.decoder, cfg.model.layer_scale, cfg.model.drop_path) == ("beit", False, 0.1, 0.1)
+    # 78 patches in blocks of >= 16, aspect 0.3..1/0.3; 1 - cos over masked patches only
+    assert (cfg.mask.kind, cfg.mask.patches, cfg.mask.block_min, cfg.mask.block_aspect) == ("block", 78, 16, 0.3)
+    assert (cfg.loss.kind, cfg.loss.tokens) == ("cosine", "masked")
+    # target: ln_post, then CLIP's projection, no per-token normalisation; the teacher's own input norm
+    t = cfg.teacher
+    assert (t.final_norm, t.project, t.normalize_target, t.input_norm, t.random_depth) == (True, True, False, "auto", None)
+    o = cfg.optim
+    assert (o.betas, o.eps, cfg.peak_lr(), o.min_lr, o.warmup_epochs, o.grad_clip) == ((0.9, 0.98), 1e-6, 3e-3, 1e-5, 10, 3.0)
+    assert (cfg.data.crop_scale, cfg.data.color_jitter, cfg.stages.epochs) == ((0.4, 1.0), 0.4, [1600])
 
 
 def test_paper_defaults():
     cfg = load_config("vit_base", None, [PAPER_DATA])
-    assert (cfg.mask.ratio, cfg.loss.kind, cfg.loss.beta) == (0.75, "smooth_l1", 2.0)
-    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 0.05
+    assert (cfg.mask.kind, cfg.mask.ratio, cfg.loss.kind, cfg.loss.beta, cfg.loss.tokens) == (
+        "random", 0.75, "smooth_l1", 2.0, "cls_and_masked")
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 0.05
     assert cfg.peak_lr() == pytest.approx(2.4e-3)  # 1.5e-4 x 4096 / 256
-    assert cfg.stages.epochs == [800, 800] and cfg.optim.warmup_epochs == 40
-    assert not cfg.teacher.final_norm and cfg.teacher.normalize_target
-    assert (cfg.model.decoder_width, cfg.model.decoder_depth, cfg.model.decoder_heads) == (512, 8, 16)
-    assert cfg.model.resolved_drop_path() == 0.2
+    assert cfg.stages.epochs == [800, 800] and cfg.optim.warmup_epochs == 40 and cfg.optim.min_lr == 0
+    assert not cfg.teacher.final_norm and cfg.teacher.normalize_target and not cfg.teacher.project
+    assert (cfg.model.family, cfg.model.decoder_width, cfg.model.decoder_depth, cfg.model.decoder_heads) == (
+        "vit", 512, 8, 16)
+    assert cfg.model.resolved_drop_path() == 0.2 and cfg.data.color_jitter == 0
     assert load_config("vit_huge", None, [PAPER_DATA]).model.resolved_drop_path() == 0.3
     assert load_config("vit_large", None, [PAPER_DATA]).teacher.random_depth == 0
+
+
+def test_only_vit_base_clips_gradients_as_the_authors_pretrain_md():
+    clips = {name: load_config(name, None, [PAPER_DATA]).optim.grad_clip for name in ("vit_base", "vit_large", "vit_huge")}
+    assert clips == {"vit_base": 3.0, "vit_large": 0.0, "vit_huge": 0.0}
+
+
+def test_the_clip_teacher_of_the_default_recipe_and_table_1_recipes():
+    cfg = load_config("vit_base_from_clip", None, ["teacher.init=/w/clip.pt", PAPER_DATA])
+    assert (cfg.teacher.final_norm, cfg.teacher.project, cfg.teacher.normalize_target) == (True, True, False)
+    assert cfg.stages.epochs == [1600] and cfg.model.decoder  # Table B7's CLIP row: 1 x 1600, asymmetric
+    for name in ("vit_base_from_deit", "vit_base_from_dino", "vit_base_from_mae"):  # every stage of Table 1
+        assert load_config(name, None, ["teacher.init=/w/t.pt", PAPER_DATA]).stages.epochs == [800, 800, 800]
 
 
 def test_set_overrides_and_a_config_file(tmp_path):

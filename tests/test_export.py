@@ -98,3 +98,23 @@ def test_timm_export_loads_through_create_model_with_a_file_overlay(run_dir, tmp
         assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
     card = (tmp_path / "README.md").read_text()
     assert "stage 2" in card and "pretrained_cfg_overlay" in card
+
+
+def test_a_beit_style_student_exports_to_timm_beit_loading_strictly_with_the_same_features(tmp_path, process_group):
+    from timm.models.beit import Beit
+    pretrain(tiny_config("stages.epochs=[1]", "model.family=beit", "model.decoder=false", "mask.kind=block",
+                         "mask.patches=6", "mask.block_min=2"), tmp_path / "run")
+    assert main(["export", str(tmp_path / "run" / "stage1"), "--out", str(tmp_path / "timm"), "--format", "timm"]) == 0
+    config = json.loads((tmp_path / "timm" / "timm_config.json").read_text())
+    assert config["architecture"] == "timm.models.beit.Beit"
+    weights = load_file(str(tmp_path / "timm" / "model.safetensors"))
+    model = Beit(**config["kwargs"]).eval()
+    model.load_state_dict(weights, strict=True)
+    overlay = timm.create_model("beit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "timm" / "model.safetensors")), **config["kwargs"]).eval()
+    ours, meta = encoder_from_export(tmp_path / "run" / "stage1")
+    assert meta["encoder"]["family"] == "beit"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for theirs in (model, overlay):
+            assert torch.allclose(theirs.forward_features(x), ours.eval()(x), atol=1e-5)

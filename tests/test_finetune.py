@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from dbot_ds.config import ConfigError
-from dbot_ds.export import read_meta
+from dbot_ds.config import ConfigError, parse_set
+from dbot_ds.teacher import encoder_from_export
 from dbot_ds.finetune import FinetuneConfig, build_classifier, finetune, layer_decay_groups
 
 
@@ -26,7 +26,7 @@ def cfg(export, manifest, *sets):
                 micro_batch=4, epochs=2, warmup_epochs=1, num_workers=0)
     for s in sets:
         k, v = s.split("=")
-        base[k] = type(base[k])(v) if k in base else json.loads(v)
+        base[k] = type(base[k])(v) if k in base else parse_set(s)[k]
     return FinetuneConfig(**base)
 
 
@@ -34,7 +34,7 @@ def test_layer_decay_scales_fall_by_0_75_per_block_from_the_head_and_reach_the_e
     from dbot_ds import engine
     from dbot_ds.ds_config import fill_ds_config
     export, manifest = export_and_shards
-    model = build_classifier({**read_meta(export), "_path": str(export)}, num_classes=3, drop_path=0.1)
+    model = build_classifier(encoder_from_export(export)[0], num_classes=3, drop_path=0.1)
     groups = layer_decay_groups(model, cfg(export, manifest))
     scale = {n: g["lr_scale"] for g in groups for p in g["params"] for n, q in model.named_parameters() if p is q}
     depth = len(model.blocks)  # 2: layers 0 (embeddings), 1..2 (blocks), 3 (head)
@@ -57,9 +57,8 @@ def test_layer_decay_scales_fall_by_0_75_per_block_from_the_head_and_reach_the_e
 
 
 def test_classifier_starts_from_the_export_encoder(export_and_shards):
-    from dbot_ds.teacher import encoder_from_export
     export, _ = export_and_shards
-    model = build_classifier({**read_meta(export), "_path": str(export)}, num_classes=3, drop_path=0.0).eval()
+    model = build_classifier(encoder_from_export(export)[0], num_classes=3, drop_path=0.0).eval()
     enc, _ = encoder_from_export(export)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -89,3 +88,83 @@ def test_finetune_refuses_to_resume_with_a_changed_config(export_and_shards, tmp
 def test_finetune_without_its_inputs_names_them():
     with pytest.raises(ConfigError, match="--train, --val"):
         FinetuneConfig(init="x")
+
+
+def test_presets_carry_the_authors_released_settings_and_the_papers_table_a2():
+    from dbot_ds.finetune import finetune_recipe
+
+    def preset(name, **kw):
+        return FinetuneConfig(**{**finetune_recipe(name), "init": "x", "train": "t", "val": "v", **kw})
+
+    b = preset("vit_base")
+    assert (b.epochs, b.peak_lr(), b.layer_decay, b.drop_path, b.grad_clip) == (100, pytest.approx(1.2e-3), 0.65, 0.1, 0)
+    assert (b.reprob, b.remode, b.head_init_std, b.mixup, b.cutmix, b.smoothing) == (0.25, "pixel", 0.01, 0.8, 1.0, 0.1)
+    large, huge = preset("vit_large"), preset("vit_huge")
+    assert (large.epochs, large.layer_decay, large.drop_path, large.grad_clip) == (50, 0.75, 0.25, 1.0)
+    assert (huge.epochs, huge.layer_decay, huge.drop_path) == (50, 0.75, 0.3)
+    clip = preset("clip_vit_base")
+    assert (clip.peak_lr(), clip.layer_decay, clip.drop_path, clip.warmup_epochs) == (2e-4, 0.65, 0.1, 20)
+    assert [preset(f"clip_vit_{s}").drop_path for s in ("large", "huge")] == [0.2, 0.3]
+    paper = preset("vit_base_paper")  # Table A2: peak 2e-3 at 1024, layer decay 0.75, drop path 0.2
+    assert (paper.peak_lr(), paper.layer_decay, paper.drop_path) == (pytest.approx(2e-3), 0.75, 0.2)
+    assert preset("vit_base", global_batch=2048).peak_lr() == pytest.approx(2.4e-3)  # base_lr scales
+    assert preset("clip_vit_base", global_batch=2048).peak_lr() == 2e-4  # an absolute lr does not
+    with pytest.raises(ConfigError, match="unknown fine-tuning recipe"):
+        finetune_recipe("vit_giant")
+
+
+def test_the_head_starts_small_as_in_the_authors_scripts(export_and_shards):
+    export, _ = export_and_shards
+    model = build_classifier(encoder_from_export(export)[0], num_classes=200, drop_path=0.0, head_init_std=0.01)
+    assert model.head.weight.std().item() == pytest.approx(0.01, rel=0.1)
+
+
+def test_a_clip_preset_refuses_an_mae_style_export(export_and_shards, tmp_path):
+    export, manifest = export_and_shards
+    with pytest.raises(ConfigError, match="use a vit_\\* recipe"):
+        finetune(cfg(export, manifest, "recipe=clip_vit_base"), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def beit_export(tmp_path_factory, process_group):
+    """A tiny BEiT-style student as the CLIP recipe trains it (random teacher, block masks)."""
+    from dbot_ds.train import pretrain
+    root = tmp_path_factory.mktemp("beit")
+    pretrain(tiny_config("stages.epochs=[1]", "model.family=beit", "model.decoder=false", "mask.kind=block",
+                         "mask.patches=6", "mask.block_min=2", "loss.kind=cosine", "loss.tokens=masked"),
+             root / "run")
+    return root / "run" / "stage1"
+
+
+def test_a_beit_style_student_fine_tunes_with_a_relative_bias_per_block_from_the_shared_one(
+        beit_export, export_and_shards, tmp_path):
+    from timm.models.beit import Beit
+
+    model = build_classifier(encoder_from_export(beit_export)[0], num_classes=3, drop_path=0.0).eval()
+    assert isinstance(model, Beit) and model.rel_pos_bias is None and model.pos_embed is None
+    enc, _ = encoder_from_export(beit_export)
+    shared = enc.rel_pos_bias.relative_position_bias_table
+    assert all(torch.equal(b.attn.relative_position_bias_table, shared) for b in model.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.forward_features(x), enc.eval()(x, final_norm=False), atol=1e-5)
+    _, manifest = export_and_shards
+    result = finetune(cfg(beit_export, manifest, "recipe=clip_vit_base", "epochs=1", "warmup_epochs=0"), tmp_path)
+    assert 0 <= result["top1"] <= 1
+
+
+def test_supervised_training_from_the_random_teacher_leaves_a_classifier_usable_as_a_teacher(
+        export_and_shards, tmp_path):
+    """`teacher:<export>` fine-tunes the random teacher itself (supervised from scratch); the
+    finished run's model.safetensors (timm names) then imports as a teacher or probe encoder."""
+    from safetensors.torch import load_file
+
+    from dbot_ds.encoders import load_encoder
+    export, manifest = export_and_shards
+    finetune(cfg(f"teacher:{export}", manifest, "epochs=1", "warmup_epochs=0"), tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    assert {"head.weight", "fc_norm.weight", "pos_embed"} <= set(weights)
+    encoder = load_encoder(str(tmp_path / "model.safetensors"))
+    assert torch.equal(encoder.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
+    assert torch.equal(encoder.norm.weight, weights["fc_norm.weight"])  # the pooled features' norm
+    assert not torch.equal(encoder.blocks[0].attn.qkv.weight, load_encoder(f"teacher:{export}").blocks[0].attn.qkv.weight)

@@ -35,13 +35,24 @@ def test_smooth_l1_is_averaged_over_cls_and_masked_tokens():
     assert torch.allclose(masked_distill_loss(pred, target, mask, beta=2.0), expected)
 
 
-def test_negative_cosine_is_minus_one_for_aligned_predictions():
+def test_cosine_loss_is_one_minus_cos_zero_for_aligned_and_two_for_opposite_predictions():
     _, target, mask = _case()
-    loss = masked_distill_loss(3 * target, target, mask, kind="cosine")
-    assert torch.allclose(loss, torch.tensor(-1.0))
+    assert torch.allclose(masked_distill_loss(3 * target, target, mask, kind="cosine"), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(masked_distill_loss(-target, target, mask, kind="cosine"), torch.tensor(2.0))
 
 
-def test_target_normalisation_has_zero_mean_unit_variance_per_token():
-    t = normalize_tokens(torch.randn(2, 5, 64) * 7 + 3)
-    assert torch.allclose(t.mean(-1), torch.zeros(2, 5), atol=1e-5)
-    assert torch.allclose(t.var(-1, unbiased=False), torch.ones(2, 5), atol=1e-3)
+def test_the_clip_recipe_loss_counts_masked_patches_only_not_the_cls_token():
+    pred, target, mask = _case()
+    base = masked_distill_loss(pred, target, mask, kind="cosine", tokens="masked")
+    pred2 = pred.clone()
+    pred2[:, 0] += 5.0  # the cls token
+    assert torch.equal(masked_distill_loss(pred2, target, mask, kind="cosine", tokens="masked"), base)
+    per_token = 1 - torch.nn.functional.cosine_similarity(pred, target, dim=-1, eps=1e-6)
+    assert torch.allclose(base, per_token[:, 1:7].mean())  # the 6 masked patches of each image
+
+
+def test_target_normalisation_uses_the_unbiased_variance_as_the_authors_norm_feature_loss():
+    t = torch.randn(2, 5, 64, dtype=torch.float64) * 7 + 3
+    expected = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + 1e-6) ** 0.5
+    assert torch.allclose(normalize_tokens(t), expected, atol=1e-12)
+    assert torch.allclose(normalize_tokens(t).var(-1, unbiased=True), torch.ones(2, 5, dtype=torch.float64))

@@ -76,3 +76,61 @@ def test_asymmetric_student_encoder_sees_only_visible_patches():
     y[..., row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 5.0  # change a masked patch only
     with torch.no_grad():
         assert torch.equal(student(x, masks), student(y, masks))
+
+
+def beit_arch(**kw):
+    return vit_arch("tiny_test", img_size=32, family="beit", layer_scale=0.1, **kw)
+
+
+def test_beit_style_student_is_initialised_as_the_authors_beit_code():
+    from dbot_ds.models import BeitViT
+    torch.manual_seed(0)
+    student = Student(beit_arch(), None, target_width=24)
+    enc = student.encoder
+    assert isinstance(enc, BeitViT) and not hasattr(enc, "pos_embed")  # positions live in one shared bias
+    linears = [m.weight for m in student.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(w.abs().max() <= 0.02 for w in linears)  # truncated normal(0.02) at +-1 std
+    assert enc.patch_embed.proj.weight.abs().max() <= 0.02 and student.mask_token.abs().max() <= 0.02
+    for layer, block in enumerate(enc.blocks, start=1):  # output projections rescaled by depth
+        bound = 0.02 / (2 * layer) ** 0.5
+        for w in (block.attn.proj.weight, block.mlp.fc2.weight):
+            assert 0.9 * bound < w.abs().max() <= bound
+        assert torch.equal(block.gamma_1, torch.full_like(block.gamma_1, 0.1))
+        assert not block.attn.q_bias.any() and not block.attn.v_bias.any()
+        assert block.attn.relative_position_bias_table is None  # no per-block table: the shared one
+    assert not enc.rel_pos_bias.relative_position_bias_table.any()
+
+
+def test_beit_style_encoder_loads_strictly_into_timm_beit_and_gives_the_same_features():
+    from timm.models.beit import Beit
+
+    from dbot_ds.export_cmd import timm_kwargs
+    arch = beit_arch()
+    ours = Student(arch, None, 8).encoder.eval()
+    with torch.no_grad():  # non-trivial layer scales and relative biases
+        for b in ours.blocks:
+            b.gamma_1.uniform_(0.5, 1.5)
+        ours.rel_pos_bias.relative_position_bias_table.normal_()
+    theirs = Beit(**timm_kwargs(arch.to_dict())).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs.forward_features(x), atol=1e-5)
+
+
+def test_weight_decay_follows_the_authors_groups():
+    """main branch (timm add_weight_decay): every >1-D tensor decays, the cls and mask tokens too;
+    beit branch: the cls token is skipped, the mask token and relative bias table decay."""
+    from dbot_ds.engine import param_groups
+
+    def decayed(model):
+        groups = param_groups(model, 0.05)
+        ids = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+        return {n for n, p in model.named_parameters() if id(p) in ids}
+
+    mae = decayed(Student(vit_arch("tiny_test", img_size=32), DecoderArch(width=16, depth=1, heads=2), 32))
+    assert {"encoder.cls_token", "decoder.mask_token", "encoder.blocks.0.attn.qkv.weight"} <= mae
+    assert not any(n.endswith(".bias") or "norm" in n for n in mae)
+    beit = decayed(Student(beit_arch(), None, 32))
+    assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table"} <= beit
+    assert "encoder.cls_token" not in beit and not any("gamma" in n or n.endswith("_bias") for n in beit)

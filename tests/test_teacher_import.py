@@ -18,6 +18,8 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_
 
 def timm_vit(**kw):
     torch.manual_seed(0)
+    if kw.get("pre_norm"):  # timm's CLIP towers, as CLIP: torch's LayerNorm (eps 1e-5)
+        kw.setdefault("norm_layer", torch.nn.LayerNorm)
     return VisionTransformer(**{**TINY, **kw}).eval()
 
 
@@ -92,12 +94,46 @@ def openai_layout(model) -> dict:
     return out
 
 
-def test_openai_clip_visual_tower(tmp_path):
+def test_openai_clip_visual_tower_with_its_projection_sees_clip_normalised_images(tmp_path):
     model = timm_vit(pre_norm=True, act_layer=QuickGELU)
-    torch.save(openai_layout(model), tmp_path / "ViT-B-16.pt")
+    sd = openai_layout(model)
+    sd["visual.proj"] = torch.randn(192, 32)  # OpenAI's layout: x @ proj
+    torch.save(sd, tmp_path / "ViT-B-16.pt")
     report = same_features(model, tmp_path / "ViT-B-16.pt")
-    assert report["layout"] == "openai_clip" and report["converted"] == len(model.state_dict())
-    assert "visual.proj" in report["ignored"] and "token_embedding.weight" in report["ignored"]
+    assert report["layout"] == "openai_clip" and report["converted"] == len(model.state_dict()) + 1
+    assert report["input_norm"] == "clip" and report["projection"] == 32
+    assert "token_embedding.weight" in report["ignored"] and "visual.proj" not in report["ignored"]
+    ours, _ = import_teacher(tmp_path / "ViT-B-16.pt")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # the CLIP target: every token through ln_post, then the projection
+        expected = model.forward_features(x) @ sd["visual.proj"]
+        assert torch.allclose(ours.eval()(x, project=True), expected, atol=1e-5)
+
+
+def test_a_timm_clip_tower_keeps_its_head_as_clips_projection(tmp_path):
+    model = timm_vit(pre_norm=True, num_classes=32)  # timm writes CLIP's proj as head.weight
+    with torch.no_grad():
+        model.head.bias.zero_()
+    save_file(model.state_dict(), str(tmp_path / "clip.safetensors"))
+    ours, report = import_teacher(tmp_path / "clip.safetensors")
+    assert report["input_norm"] == "clip" and report["projection"] == 32
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(x, project=True), model.head(model.forward_features(x)), atol=1e-5)
+
+
+def test_an_imagenet_teacher_has_no_projection_and_sees_imagenet_normalised_images(tmp_path):
+    save_file(timm_vit(num_classes=10).state_dict(), str(tmp_path / "deit.safetensors"))
+    ours, report = import_teacher(tmp_path / "deit.safetensors")
+    assert report["input_norm"] == "imagenet" and report["projection"] is None and ours.proj is None
+
+
+def test_a_fine_tuned_checkpoint_with_average_pooling_uses_fc_norm_as_its_final_norm(tmp_path):
+    model = timm_vit(num_classes=10, global_pool="avg")  # MAE-style fine-tuned: fc_norm, no norm
+    assert "norm.weight" not in model.state_dict()
+    save_file(model.state_dict(), str(tmp_path / "ft.safetensors"))
+    ours, report = import_teacher(tmp_path / "ft.safetensors")
+    assert torch.equal(ours.norm.weight, model.fc_norm.weight) and "fc_norm.weight" not in report["ignored"]
 
 
 def test_a_bigger_patch_teacher_is_put_on_the_student_grid():
@@ -109,7 +145,7 @@ def test_a_bigger_patch_teacher_is_put_on_the_student_grid():
     import dataclasses
     from dbot_ds.models import ViT
     enc = ViT(dataclasses.replace(teacher_arch, **small))  # 16x16 grid at 224
-    resized, note = resize_grid(enc, student_arch.grid, fixed_sincos=False)
+    resized, note = resize_grid(enc, student_arch.grid)
     assert resized.arch.img_size == 196 and resized.arch.grid == 14 and "16x16 -> 14x14" in note
     targets = Teacher(resized, "t").targets(torch.randn(1, 3, 224, 224))
     assert targets.shape == (1, 1 + 196, 64)
@@ -134,3 +170,13 @@ def test_a_pickle_with_code_is_not_loaded(tmp_path):
     torch.save({"model": timm_vit().state_dict(), "args": torch.nn.Linear(2, 2)}, tmp_path / "evil.pth")
     with pytest.raises(ExportError, match="not loadable as weights only"):
         import_teacher(tmp_path / "evil.pth")
+
+
+def test_a_width_without_a_standard_head_count_needs_it_stated(tmp_path):
+    model = timm_vit(embed_dim=48, num_heads=4)
+    save_file(model.state_dict(), str(tmp_path / "odd.safetensors"))
+    with pytest.raises(ExportError, match="48-wide ViT has no standard head count.*teacher.heads=N"):
+        import_teacher(tmp_path / "odd.safetensors")
+    assert import_teacher(tmp_path / "odd.safetensors", heads=4)[0].arch.heads == 4
+    save_file(model.state_dict(), str(tmp_path / "stated.safetensors"), metadata={"num_heads": "4"})
+    same_features(model, tmp_path / "stated.safetensors")  # the count from the file's metadata

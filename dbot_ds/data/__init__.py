@@ -52,7 +52,8 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
                      pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                      prefetch_factor=4 if workers > 0 else None)
     if d.source == "synthetic":
-        dataset = SyntheticImages(d.synthetic_images, generated_size(cfg), cfg.model.img_size, d.crop_scale, d.hflip, cfg.seed)
+        dataset = SyntheticImages(d.synthetic_images, generated_size(cfg), cfg.model.img_size, d.crop_scale,
+                                  d.hflip, cfg.seed, d.color_jitter)
         sampler = EpochSampler(len(dataset), **common)
         return DataLoader(dataset, sampler=sampler, **loader_kw), sampler
     if d.source == "generated_shards":
@@ -68,6 +69,7 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
         where = {"urls": [u for part in source.split("::") for u in braceexpand.braceexpand(part)]}
     stream = ShardStream(**where, epoch_samples=d.epoch_samples or None, **common,
                          crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip, decode=d.decode,
+                         jitter=d.color_jitter,
                          shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction)
     if d.decode == "device":  # encoded bytes, read by the decoder from host memory: nothing to pin
         loader_kw.update(collate_fn=collate_jpegs, pin_memory=False)

@@ -77,7 +77,7 @@ def decode_batch(batch: JpegBatch, size: int, device: torch.device, dtype: torch
     crops = []
     for img, (top, left, h, w), flip in zip(images, batch.boxes.tolist(), batch.flips.tolist()):
         crop = F.interpolate(img[None, :, top:top + h, left:left + w].float(), size=(size, size),
-                             mode="bilinear", antialias=True, align_corners=False)
+                             mode="bicubic", antialias=True, align_corners=False)  # as PIL's BICUBIC
         crops.append(crop.flip(-1) if flip else crop)
     out = torch.cat(crops).round_().clamp_(0, 255)  # [B, 3, size, size], whole numbers
     return normalize_on_device(out, device, dtype)

@@ -62,14 +62,14 @@ class ShardStream(IterableDataset):
                  epoch_samples: int | None = None, rank: int, world: int, micro: int, accum: int,
                  seed: int, crop: int, scale: tuple[float, float], hflip: bool,
                  shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu",
-                 sample_fn=None):
+                 jitter: float = 0.0, sample_fn=None):
         if manifest is None and not epoch_samples:
             raise ShardError("shards without a manifest stream in resampled mode and need "
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
         self.manifest, self.urls = manifest, urls or (manifest.urls() if manifest else [])
         self.exact = manifest is not None and not epoch_samples
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro, accum, seed
-        self.crop, self.scale, self.hflip = crop, scale, hflip
+        self.crop, self.scale, self.hflip, self.jitter = crop, scale, hflip, jitter
         self.shuffle_buffer, self.max_bad_fraction = shuffle_buffer, max_bad_fraction
         self.decode = decode  # "cpu": uint8 crops; "device": JPEG bytes + crop boxes (device_decode)
         self.sample_fn = sample_fn  # (raw sample dict, rng) -> item; replaces the crop (fine-tuning)
@@ -178,7 +178,7 @@ class ShardStream(IterableDataset):
     def prepare(self, data: bytes, rng: random.Random):
         if self.decode == "device":
             return jpeg_sample(data, self.scale, self.hflip, rng)
-        return decode_crop(data, self.crop, self.scale, self.hflip, rng)
+        return decode_crop(data, self.crop, self.scale, self.hflip, rng, self.jitter)
 
 
 class BadCounter:

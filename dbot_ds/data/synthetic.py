@@ -35,9 +35,10 @@ class SyntheticImages(Dataset):
     """Indexed by (epoch, i): the augmentation of sample i in epoch e is a function of
     (seed, epoch, i), so a resumed epoch sees exactly the crops it would have seen."""
 
-    def __init__(self, n: int, size: int, crop: int, scale: tuple[float, float], hflip: bool, seed: int):
+    def __init__(self, n: int, size: int, crop: int, scale: tuple[float, float], hflip: bool, seed: int,
+                 jitter: float = 0.0):
         self.images = generate_images(n, size, derive_seed(seed, "synthetic-images"))
-        self.crop, self.scale, self.hflip, self.seed = crop, scale, hflip, seed
+        self.crop, self.scale, self.hflip, self.seed, self.jitter = crop, scale, hflip, seed, jitter
 
     def __len__(self) -> int:
         return len(self.images)
@@ -45,7 +46,7 @@ class SyntheticImages(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
         epoch, i = key
         rng = random.Random(derive_seed(self.seed, "augment", epoch, i))
-        return random_resized_crop_flip(self.images[i], self.crop, self.scale, self.hflip, rng)
+        return random_resized_crop_flip(self.images[i], self.crop, self.scale, self.hflip, rng, self.jitter)
 
 
 def write_generated_imagefolder(root, n: int, size: int, seed: int, classes: int = 10) -> None:

@@ -1,4 +1,5 @@
-"""The paper's augmentation (RandomResizedCrop + flip) on uint8 CPU tensors; normalisation on device."""
+"""The paper's augmentation on uint8 CPU images: RandomResizedCrop (bicubic) + flip, and the CLIP
+recipe's colour jitter; the input normalisations, applied on the device."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import numpy as np
 import simplejpeg
 import torch
 from PIL import Image
+import torchvision.transforms.functional as TF1  # PIL images and tensors alike
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dbot_ds.input_norms import INPUT_NORMS, STUDENT_NORM
+
+JITTER_OPS = (TF1.adjust_brightness, TF1.adjust_contrast, TF1.adjust_saturation)
 
 
 def rrc_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
@@ -39,17 +43,34 @@ def rrc_box(height: int, width: int, scale: tuple[float, float], rng: random.Ran
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def color_jitter(img, strength: float, rng: random.Random):
+    """torchvision's ColorJitter(strength, strength, strength) with an explicit RNG: brightness,
+    contrast and saturation factors drawn from [1 - s, 1 + s], applied in a random order. Works
+    on a PIL image or a uint8 tensor; strength 0 returns img untouched (no draws)."""
+    if strength <= 0:
+        return img
+    factors = [rng.uniform(max(0.0, 1 - strength), 1 + strength) for _ in JITTER_OPS]
+    for i in rng.sample(range(len(JITTER_OPS)), len(JITTER_OPS)):
+        img = JITTER_OPS[i](img, factors[i])
+    return img
+
+
 def random_resized_crop_flip(img: torch.Tensor, size: int, scale: tuple[float, float], hflip: bool,
-                             rng: random.Random) -> torch.Tensor:
-    """img uint8 [3, H, W] -> uint8 [3, size, size]."""
+                             rng: random.Random, jitter: float = 0.0) -> torch.Tensor:
+    """img uint8 [3, H, W] -> uint8 [3, size, size]: jitter (on the whole image, as the authors'
+    ColorJitter before the crop), bicubic RandomResizedCrop, flip."""
     top, left, h, w = rrc_box(img.shape[-2], img.shape[-1], scale, rng)
-    out = TF.resized_crop(img, top, left, h, w, [size, size], antialias=True)
-    return out.flip(-1) if hflip and rng.random() < 0.5 else out
+    flip = hflip and rng.random() < 0.5
+    img = color_jitter(img, jitter, rng)
+    out = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                          antialias=True)
+    return out.flip(-1) if flip else out
 
 
 def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
-                rng: random.Random) -> torch.Tensor:
-    """JPEG bytes -> RandomResizedCrop + flip -> uint8 [3, size, size].
+                rng: random.Random, jitter: float = 0.0) -> torch.Tensor:
+    """JPEG bytes -> colour jitter (whole image) -> bicubic RandomResizedCrop + flip -> uint8
+    [3, size, size].
 
     simplejpeg (libjpeg-turbo) decodes about 30% faster than Pillow. The crop box is drawn on
     the full image; when it is 2x+ larger than the output, the JPEG is decoded at a reduced DCT
@@ -66,11 +87,13 @@ def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
         limit = {"min_height": math.ceil(height / reduce), "min_width": math.ceil(width / reduce)} \
             if reduce >= 2 else {}
         img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **limit))
+    flip = hflip and rng.random() < 0.5
+    img = color_jitter(img, jitter, rng)
     sx, sy = img.width / width, img.height / height
-    img = img.resize((size, size), Image.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
+    img = img.resize((size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy),
                      reducing_gap=None)
     out = np.asarray(img)  # [size, size, 3]
-    if hflip and rng.random() < 0.5:
+    if flip:
         out = out[:, ::-1]
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
@@ -78,13 +101,14 @@ def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
 @functools.lru_cache(maxsize=None)
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: a fresh torch.tensor(..., device=cuda) every step would sync."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
-    return mean, std
+    mean, std = INPUT_NORMS[STUDENT_NORM]
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
 
 
 def normalize_on_device(imgs_u8: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 [B, 3, H, W] (pinned; or whole-number floats) -> normalised [B, 3, H, W] in dtype on device."""
+    """uint8 [B, 3, H, W] (pinned; or whole-number floats) -> [B, 3, H, W] in dtype on device,
+    normalised with STUDENT_NORM."""
     mean, std = _mean_std(torch.device(device))
     x = imgs_u8.to(device, non_blocking=True).float()
     return x.sub_(mean).div_(std).to(dtype)

@@ -27,13 +27,16 @@ class DecoderArch:
 
 
 class Decoder(nn.Module):
-    def __init__(self, in_width: int, arch: DecoderArch, grid: int):
+    """drop_path: the student's rate, on a linear ramp of its own over the decoder blocks
+    (authors' models_mae.py: linspace(0, rate, decoder_depth))."""
+
+    def __init__(self, in_width: int, arch: DecoderArch, grid: int, drop_path: float = 0.0):
         super().__init__()
         self.arch, self.grid = arch, grid
         self.embed = nn.Linear(in_width, arch.width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, arch.width))
         self.register_buffer("pos_embed", sincos_2d(arch.width, grid))  # [1, 1+N, Dd]
-        self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio)
+        self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path)
         self.norm = layer_norm(arch.width)
         init_mae_style(self)
         nn.init.normal_(self.mask_token, std=0.02)

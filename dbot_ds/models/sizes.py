@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 
+FAMILIES = ("vit", "beit")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ViTArch:
     """Shape of one ViT encoder; enough to rebuild it (stored in every export's meta.json)."""
@@ -18,6 +21,10 @@ class ViTArch:
     pre_norm: bool = False     # a LayerNorm before the blocks (CLIP)
     patch_bias: bool = True    # CLIP's patch embedding has no bias
     act: str = "gelu"          # "quick_gelu" for OpenAI CLIP weights
+    norm_eps: float = 1e-6     # LayerNorm epsilon: timm's ViT default; CLIP's towers use 1e-5
+    family: str = "vit"        # "vit": timm VisionTransformer layout, MAE init; "beit": models/beit.py
+    layer_scale: float | None = None  # beit: initial layer-scale value (0.1 in the CLIP recipe)
+    proj_dim: int | None = None       # CLIP's visual projection `proj` (width -> proj_dim, no bias)
 
     def __post_init__(self):
         if self.img_size % self.patch_size:
@@ -30,6 +37,11 @@ class ViTArch:
             raise ValueError(f"depth must be >= 0, got {self.depth}")
         if self.act not in ("gelu", "quick_gelu"):
             raise ValueError(f"act must be gelu or quick_gelu, got {self.act!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family must be one of {FAMILIES}, got {self.family!r}")
+        if self.family == "beit" and (self.pre_norm or not self.patch_bias or self.act != "gelu"
+                                      or self.proj_dim):
+            raise ValueError("a beit-family encoder has no pre-norm, no projection, a patch bias and GELU")
 
     @property
     def grid(self) -> int:
@@ -55,10 +67,11 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
-def vit_arch(size: str, *, img_size: int = 224, patch_size: int | None = None) -> ViTArch:
+def vit_arch(size: str, *, img_size: int = 224, patch_size: int | None = None, family: str = "vit",
+             layer_scale: float | None = None) -> ViTArch:
     """ViTArch for a named size; patch and image size may be overridden."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; known sizes: {', '.join(SIZES)}")
     width, depth, heads, default_patch = SIZES[size]
-    return ViTArch(width=width, depth=depth, heads=heads,
-                   patch_size=patch_size or default_patch, img_size=img_size)
+    return ViTArch(width=width, depth=depth, heads=heads, patch_size=patch_size or default_patch,
+                   img_size=img_size, family=family, layer_scale=layer_scale)

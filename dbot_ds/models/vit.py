@@ -28,14 +28,19 @@ def init_mae_style(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to `rate` over `depth` blocks: torch.linspace, as
+    timm, MAE and the authors compute it (the same floats)."""
+    return torch.linspace(0, rate, depth, device="cpu").tolist()  # cpu: also under a meta-device context
+
+
 def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float,
-                       drop_path: float = 0.0, act: str = "gelu") -> nn.Sequential:
-    rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # linear, as timm
+                       drop_path: float = 0.0, act: str = "gelu", norm_eps: float = 1e-6) -> nn.Sequential:
     act_layer = QuickGELU if act == "quick_gelu" else nn.GELU
+    norm = functools.partial(nn.LayerNorm, eps=norm_eps)
     return nn.Sequential(*[
-        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=layer_norm,
-              act_layer=act_layer)
-        for rate in rates])
+        Block(width, heads, mlp_ratio, qkv_bias=True, drop_path=rate, norm_layer=norm, act_layer=act_layer)
+        for rate in drop_path_rates(drop_path, depth)])
 
 
 class ViT(nn.Module):
@@ -46,14 +51,19 @@ class ViT(nn.Module):
 
     def __init__(self, arch: ViTArch, drop_path: float = 0.0):
         super().__init__()
+        if arch.family != "vit":
+            raise ValueError(f"ViT builds the vit family, not {arch.family!r}: use models.build_encoder")
         self.arch = arch
         self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width, bias=arch.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
         self.register_buffer("pos_embed", sincos_2d(arch.width, arch.grid))  # [1, 1+N, D], fixed
-        self.norm_pre = layer_norm(arch.width) if arch.pre_norm else nn.Identity()
+        norm = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
+        self.norm_pre = norm(arch.width) if arch.pre_norm else nn.Identity()
         self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path,
-                                         arch.act)
-        self.norm = layer_norm(arch.width)
+                                         arch.act, arch.norm_eps)
+        self.norm = norm(arch.width)
+        # CLIP's visual projection (imported CLIP teachers only): the CLIP recipe's target width
+        self.proj = nn.Linear(arch.width, arch.proj_dim, bias=False) if arch.proj_dim else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,6 +77,9 @@ class ViT(nn.Module):
     def fixed_buffers(self) -> dict[str, torch.Tensor]:
         """Exact fp32 values of the non-learned state (bf16 engines round the live buffers)."""
         return {"pos_embed": sincos_2d(self.arch.width, self.arch.grid)}
+
+    def no_weight_decay(self) -> set[str]:
+        return set()  # the authors' add_weight_decay: every >1-D parameter decays, cls token too
 
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, 3, H, W] -> patch tokens [B, N, D], positions not yet added."""
@@ -89,5 +102,11 @@ class ViT(nn.Module):
         return self.norm(x) if final_norm else x
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
-                final_norm: bool = True) -> torch.Tensor:
-        return self.encode(self.embed_patches(imgs), ids_keep, final_norm)
+                final_norm: bool = True, project: bool = False) -> torch.Tensor:
+        """imgs [B, 3, H, W] -> [B, 1+K, D], or [B, 1+K, proj_dim] through CLIP's projection."""
+        x = self.encode(self.embed_patches(imgs), ids_keep, final_norm)
+        if project:
+            if self.proj is None:
+                raise ValueError("this encoder has no output projection (CLIP's `proj`)")
+            x = self.proj(x)
+        return x
