@@ -11,7 +11,9 @@ setup(
     # No upper pins: the same install must work on a GPU cluster with its own CUDA torch.
     install_requires=["torch>=2.4", "torchvision", "timm>=1.0", "deepspeed>=0.15", "webdataset",
                       "safetensors", "numpy", "tqdm", "tensorboard", "simplejpeg", "braceexpand", "matplotlib"],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn"]},
+    # torchcodec: the preferred JPEG decoder of data.decode=device (torchvision's otherwise)
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn", "torchcodec"],
+                    "gpu": ["torchcodec"]},
     entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
     # Found in the checkout by an editable install, under <prefix>/share/dbot-ds by a regular one.
     data_files=[("share/dbot-ds/ds_configs", glob("ds_configs/*.json")),

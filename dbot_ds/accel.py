@@ -11,6 +11,7 @@ import logging
 import warnings
 
 import torch
+from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -55,13 +56,13 @@ def try_compile(module: nn.Module, backend: str, *example_inputs, grad: bool = F
 
     Per block, as torchtitan: blocks that are alike share one compiled graph (the teacher's, the
     decoder's), so their compile time does not grow with depth; the student's encoder blocks
-    differ in drop-path rate and compile one each. All blocks run one code object (timm's
-    Block.forward), whose variants dynamo caps (recompile_limit, 8 by default) before running
+    differ in drop-path rate and compile one each. All blocks run one code object (timm's ViT or
+    Beit Block.forward), whose variants dynamo caps (recompile_limit, 8 by default) before running
     the rest eagerly without a warning: the cap is raised to cover every block twice.
     dynamic=False: training shapes are fixed."""
     if not backend:
         return False
-    parts = [m for m in module.modules() if isinstance(m, Block)] or [module]
+    parts = [m for m in module.modules() if isinstance(m, (Block, BeitBlock))] or [module]
     import torch._dynamo  # loaded on demand: a second of import time
 
     dynamo = torch._dynamo.config

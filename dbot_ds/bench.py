@@ -1,15 +1,16 @@
 """`dbot-ds bench`: the full dBOT training step (teacher forward, student forward + backward,
 optimizer step) through the same code as training, on synthetic data already on the device.
 
-Prints images/s, achieved TFLOP/s from the analytic FLOP model (flops.py, equal to
+A timed step is an optimizer step of the global batch (`--accum` micro-batches). Prints
+images/s, achieved TFLOP/s from the analytic FLOP model (flops.py, equal to
 torch.utils.flop_counter's count), MFU against the device's dense bf16 peak, a per-phase
-breakdown (from a separate, synchronised pass), peak memory, and the DeepSpeed engine's step
-time against a plain PyTorch loop with the same modules and optimizer, interleaved in one run.
+breakdown (from a separate, synchronised pass), peak memory, the host synchronisations of a step,
+and the DeepSpeed engine's step time against a plain PyTorch loop with the same kernels (bf16
+weights, fp32 masters, the same AdamW), interleaved in one run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import itertools
 import json
@@ -23,6 +24,7 @@ import torch
 
 from dbot_ds.config import RunConfig, load_config
 from dbot_ds.distributed import World
+from dbot_ds.data.transforms import normalize_on_device
 from dbot_ds.ds_config import compute_dtype, resolve_ds_config, zero_stage
 from dbot_ds.flops import dbot_flops_per_image
 
@@ -60,38 +62,63 @@ class Timer:
 
 
 def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher_graph: bool,
-                 img_size: int, bf16: bool, extra: list[str]) -> RunConfig:
+                 img_size: int, bf16: bool, extra: list[str], accum: int = 1) -> RunConfig:
+    """One process, a global batch of `accum` micro-batches (accumulation as training runs)."""
     return load_config(None, None, [f"model.size={size}", f"model.img_size={img_size}",
-                                    f"batch.micro_batch={micro}", f"batch.global_batch={micro}",
+                                    f"batch.micro_batch={micro}", f"batch.global_batch={micro * accum}",
                                     f"compile={compile_backend}", f"cuda_graph_teacher={str(teacher_graph).lower()}",
                                     f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}", *extra])
 
 
 class PlainEngine:
-    """The plain PyTorch counterpart of the DeepSpeed engine, for the same train_micro_step: the
-    same modules, fp32 weights under bf16 autocast (PyTorch's own mixed precision; DeepSpeed keeps
-    bf16 weights and fp32 masters in its optimizer), torch AdamW (fused on GPUs)."""
+    """The plain PyTorch counterpart of the DeepSpeed engine, for the same train_micro_step and
+    with the same kernels: under bf16 the module holds bf16 weights and the optimizer updates an
+    fp32 master copy, gradients accumulate in fp32 across micro-batches (as DeepSpeed's bf16
+    optimizers with grad_accum_dtype fp32), the same param groups and AdamW (fused on GPUs); fp32
+    runs keep fp32 weights. What it leaves out: ZeRO partitioning and communication (one
+    process), gradient clipping and the non-finite-gradient check."""
 
-    def __init__(self, student, cfg: RunConfig, device, dtype):
+    def __init__(self, student, cfg: RunConfig, device, dtype, accum: int = 1):
         from dbot_ds.accel import adamw
         from dbot_ds.engine import param_groups
 
-        self.module = student
-        self.opt = adamw(param_groups(student, cfg.optim.weight_decay), cfg.peak_lr(), cfg.optim.betas,
-                         cfg.optim.eps, device)
-        self.amp = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 \
-            else contextlib.nullcontext()
+        self.module, self.accum, self.micro = student.to(device), accum, 0
+        self.params = [p for p in student.parameters() if p.requires_grad]
+        for p in self.params:  # parameters in the compute dtype, buffers fp32: as DeepSpeed's engine
+            p.data = p.data.to(dtype)
+        self.mixed = dtype != torch.float32
+        groups = param_groups(student, cfg.optim.weight_decay)
+        if self.mixed:  # fp32 masters standing in for the bf16 weights in the optimizer's groups
+            master = {id(p): p.detach().float().clone() for p in self.params}
+            groups = [{**g, "params": [master[id(p)] for p in g["params"]]} for g in groups]
+            self.master = [master[id(p)] for p in self.params]
+            self.grads = [torch.zeros_like(m) for m in self.master]  # fp32 accumulation buffers
+            for m, g in zip(self.master, self.grads):
+                m.grad = g
+        self.opt = adamw(groups, cfg.peak_lr(), cfg.optim.betas, cfg.optim.eps, device)
 
     def __call__(self, imgs, masks):
-        with self.amp:
-            return self.module(imgs, masks)
+        return self.module(imgs, masks)
 
     def backward(self, loss):
-        loss.backward()
+        (loss / self.accum).backward()  # DeepSpeed scales by the accumulation steps too
 
+    @torch.no_grad()
     def step(self):
+        """Like DeepSpeed's engine.step: every call ends a micro-batch, every accum-th updates."""
+        self.micro += 1
+        if self.mixed:
+            torch._foreach_add_(self.grads, [p.grad for p in self.params])
+            for p in self.params:
+                p.grad = None
+        if self.micro % self.accum:
+            return
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        if self.mixed:
+            torch._foreach_copy_(self.params, self.master)  # rounded to bf16
+            torch._foreach_zero_(self.grads)
+        else:
+            self.opt.zero_grad(set_to_none=True)
 
 
 class PhaseTimer:
@@ -125,29 +152,68 @@ class PhaseTimer:
         return self._timed("optimizer", self.eng.step)
 
 
-def phase_breakdown(eng, teacher, imgs_u8, cfg, device, dtype, steps: int) -> dict:
-    """Median seconds per step in each phase of the training step."""
+def phase_breakdown(eng, teacher, imgs, cfg, device, steps: int, accum: int) -> dict:
+    """Median seconds per optimizer step (`accum` micro-batches) in each phase of the step."""
     from dbot_ds.train import train_micro_step
 
     timer = PhaseTimer(teacher, eng, device)
-    for _ in range(steps):
-        train_micro_step(timer, timer, imgs_u8, cfg, device, dtype)
-    return {k: statistics.median(v) for k, v in timer.times.items()}
+    for _ in range(steps * accum):
+        train_micro_step(timer, timer, imgs, cfg)
+    per_step = {k: [sum(v[i:i + accum]) for i in range(0, len(v), accum)] for k, v in timer.times.items()}
+    return {k: statistics.median(v) for k, v in per_step.items()}
 
 
-def host_syncs(step_fn, device) -> int | None:
-    """Synchronising CUDA calls (.item(), blocking copies, stream syncs) in one call of step_fn,
-    counted with torch's sync debug mode; None off CUDA."""
-    if device.type != "cuda":
-        return None
-    with warnings.catch_warnings(record=True) as caught:
+class SyncCounter:
+    """Counts explicit device synchronisations while active: torch.cuda.synchronize, CUDA
+    Stream/Event.synchronize and DeepSpeed's accelerator.synchronize (what its throughput timer
+    and ZeRO's gradient epilogue call; counted once where it goes through torch.cuda.synchronize).
+    Calls that reach CUDA directly are not seen (nvJPEG's cudaStreamSynchronize, NCCL)."""
+
+    def __init__(self):
+        from dbot_ds.engine import accelerator
+
+        self.count, self._inside = 0, False
+        self.targets = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
+                        (torch.cuda.Event, "synchronize"), (accelerator(), "synchronize")]
+
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            outer = not self._inside
+            self.count += outer
+            self._inside = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._inside = not outer
+        return counted
+
+    def __enter__(self):
+        self.saved = [(obj, name, getattr(obj, name)) for obj, name in self.targets]
+        for obj, name, fn in self.saved:
+            setattr(obj, name, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for obj, name, fn in self.saved:
+            setattr(obj, name, fn)
+
+
+def host_syncs(step_fn, device) -> dict:
+    """Host synchronisations in one call of step_fn: `synchronize`, the explicit calls
+    SyncCounter sees (on any device: DeepSpeed's accelerator calls them on CPU too); `tensor_ops`,
+    the synchronising tensor operations torch's sync debug mode reports (.item(), blocking
+    copies, nonzero), CUDA only (None elsewhere)."""
+    with warnings.catch_warnings(record=True) as caught, SyncCounter() as explicit:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             step_fn()
         finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    ops = sum("synchronizing CUDA operation" in str(w.message) for w in caught) if device.type == "cuda" else None
+    return {"synchronize": explicit.count, "tensor_ops": ops}
 
 
 def reset_peak_memory(device) -> None:
@@ -166,7 +232,9 @@ def peak_memory_gb(device) -> tuple[float, float | None]:
 
 
 def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, peak: float | None,
-             compare_plain: bool, data_loader=None) -> dict:
+             compare_plain: bool, data_loader=None, overlap_comm: bool | None = None) -> dict:
+    """Times optimizer steps of the global batch (gradient accumulation included) through the
+    training code. overlap_comm: override the resolved ZeRO setting (None: the config's)."""
     from dbot_ds import engine as ds_engine
     from dbot_ds.stages import fresh_student
     from dbot_ds.teacher import Teacher, random_encoder
@@ -174,13 +242,19 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
 
     reset_peak_memory(device)
     ds = resolve_ds_config(cfg, 1)
-    dtype = compute_dtype(ds)
+    if overlap_comm is not None:
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "overlap_comm": overlap_comm}
+    dtype, accum = compute_dtype(ds), ds["gradient_accumulation_steps"]
     arch = cfg.model.encoder_arch()
     teacher = Teacher(random_encoder(arch, 0), "bench", dtype=dtype).to(device)
     eng = ds_engine.build_engine(fresh_student(cfg, 1, arch.width), cfg, ds, device)
-    imgs_u8 = torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
-                            dtype=torch.uint8, device=device)
-    ds_step = lambda: train_micro_step(eng, teacher, imgs_u8, cfg, device, dtype)
+    imgs = normalize_on_device(torch.randint(0, 256, (cfg.batch.micro_batch, 3, arch.img_size, arch.img_size),
+                                             dtype=torch.uint8, device=device), device, dtype)  # as prefetched
+
+    def optimizer_step(engine):
+        return lambda: [train_micro_step(engine, teacher, imgs, cfg) for _ in range(accum)]
+
+    ds_step = optimizer_step(eng)
     t = time.perf_counter()
     fast_paths(cfg, teacher, eng.module, device, dtype)
     ds_step()
@@ -198,11 +272,10 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         return timer.elapsed() / n
 
     if compare_plain:
-        plain = PlainEngine(fresh_student(cfg, 1, arch.width).to(device), cfg, device, dtype)
+        plain = PlainEngine(fresh_student(cfg, 1, arch.width), cfg, device, dtype, accum)
         if cfg.compile:  # the same kernels in both loops
-            with plain.amp:
-                compile_student(cfg, plain.module, device, dtype)
-        plain_step = lambda: train_micro_step(plain, teacher, imgs_u8, cfg, device, dtype)
+            compile_student(cfg, plain.module, device, dtype)
+        plain_step = optimizer_step(plain)
     ds_times, plain_times = [], []
     for _ in range(repeats):  # interleaved A B A B
         ds_times.append(timed(ds_step, steps))
@@ -213,14 +286,15 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         syncs["plain"] = host_syncs(plain_step, device)
         del plain_step, plain  # its weights and optimizer state must not count in the memory below
     reset_peak_memory(device)
-    breakdown = phase_breakdown(eng, teacher, imgs_u8, cfg, device, dtype, max(2, steps // 2))
+    breakdown = phase_breakdown(eng, teacher, imgs, cfg, device, max(2, steps // 2), accum)
     memory, reserved = peak_memory_gb(device)
     step_s = statistics.median(ds_times)
     flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
-    ips = cfg.batch.micro_batch / step_s
+    ips = cfg.batch.global_batch / step_s
     result = {
         "size": cfg.model.size, "img_size": arch.img_size, "micro_batch": cfg.batch.micro_batch,
-        "zero_stage": zero_stage(ds), "bf16": dtype == torch.bfloat16,
+        "accumulation": accum, "zero_stage": zero_stage(ds), "bf16": dtype == torch.bfloat16,
+        "overlap_comm": bool(ds.get("zero_optimization", {}).get("overlap_comm", False)),
         "compile": cfg.compile or "off", "teacher_cuda_graph": teacher.graphed is not None,
         "masks_per_image": cfg.mask.per_image, "first_step_s": first_step_s, "step_s": step_s,
         "images_per_s": ips,
@@ -235,17 +309,18 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         result["plain_step_s"] = statistics.median(plain_times)
         result["deepspeed_over_plain"] = step_s / result["plain_step_s"]
     if data_loader is not None:
-        result["end_to_end"] = end_to_end(eng, teacher, cfg, device, dtype, data_loader, steps, warmup, ips)
+        result["end_to_end"] = end_to_end(eng, teacher, cfg, device, data_loader, steps, warmup, ips)
     eng.destroy()
     return result
 
 
-def end_to_end(eng, teacher, cfg, device, dtype, loader, steps, warmup, synthetic_ips) -> dict:
+def end_to_end(eng, teacher, cfg, device, loader, steps, warmup, synthetic_ips) -> dict:
+    """Micro-batches from the real loader (prefetched as in training) through the same step."""
     from dbot_ds.train import train_micro_step
 
     it = iter(loader)
     for _ in range(warmup):
-        train_micro_step(eng, teacher, next(it), cfg, device, dtype)
+        train_micro_step(eng, teacher, next(it), cfg)
     timer = Timer(device)
     timer.start()
     wait = 0.0
@@ -253,7 +328,7 @@ def end_to_end(eng, teacher, cfg, device, dtype, loader, steps, warmup, syntheti
         t = time.perf_counter()
         batch = next(it)
         wait += time.perf_counter() - t
-        train_micro_step(eng, teacher, batch, cfg, device, dtype)
+        train_micro_step(eng, teacher, batch, cfg)
     elapsed = timer.elapsed()
     ips = steps * cfg.batch.micro_batch / elapsed
     return {"images_per_s": ips, "of_synthetic": ips / synthetic_ips, "data_wait_s_per_step": wait / steps}
@@ -269,16 +344,20 @@ def main(args) -> int:
     graphs = args.teacher_graph.split(",")
     if not set(graphs) <= {"off", "on"}:
         raise SystemExit(f"--teacher-graph {args.teacher_graph!r}: give off, on or off,on")
+    overlaps = {"auto": None, "on": True, "off": False}
+    if not set(args.overlap_comm.split(",")) <= set(overlaps):
+        raise SystemExit(f"--overlap-comm {args.overlap_comm!r}: give auto, on, off or a list of them")
     sweep = itertools.product(args.sizes.split(","), [int(m) for m in args.micro.split(",")],
-                              [int(z) for z in args.zero.split(",")], args.compile.split(","),
-                              [g == "on" for g in graphs])
+                              [int(a) for a in args.accum.split(",")], [int(z) for z in args.zero.split(",")],
+                              args.compile.split(","), [g == "on" for g in graphs],
+                              [overlaps[o] for o in args.overlap_comm.split(",")])
     data = [] if args.data == "synthetic" else [
         "data.source=shards", f"data.shards={args.shards}", f"data.num_workers={args.workers}",
         f"data.decode={args.decode}"]
-    for size, micro, zero, comp, graph in sweep:
+    for size, micro, accum, zero, comp, graph, overlap in sweep:
         # DeepSpeed refuses bf16 without ZeRO (ds_config.py): ZeRO-0 runs in fp32, labelled so
         cfg = bench_config(size, micro, zero, "" if comp == "off" else comp, graph, args.img_size,
-                           bf16 and zero > 0, [*data, *args.set])
+                           bf16 and zero > 0, [*data, *args.set], accum)
         loader = None
         if args.data == "shards":
             from dbot_ds.data import build_data
@@ -290,9 +369,10 @@ def main(args) -> int:
                                  f"{micro}, the end-to-end run reads {needed} (--warmup + --steps): use more "
                                  f"images (dbot-ds shards synthetic --images {needed * micro}) or fewer --steps")
             position.set_position(0, 0)
-            loader = DevicePrefetcher(loader, device)  # as in training
+            loader = DevicePrefetcher(loader, device, compute_dtype(resolve_ds_config(cfg, 1)),
+                                      cfg.model.img_size)  # as in training
         r = run_case(cfg, device, steps=args.steps, warmup=args.warmup, repeats=args.repeats, peak=peak,
-                     compare_plain=not args.no_plain, data_loader=loader)
+                     compare_plain=not args.no_plain, data_loader=loader, overlap_comm=overlap)
         if loader is not None:
             r["end_to_end"].update(decode=args.decode, workers=args.workers)
         results.append(r)
@@ -309,16 +389,17 @@ def main(args) -> int:
 
 def format_row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}% MFU" if r["mfu"] is not None else "MFU n/a (no peak for this device)"
-    parts = [f"{r['size']} img{r['img_size']} micro {r['micro_batch']} zero{r['zero_stage']} "
+    parts = [f"{r['size']} img{r['img_size']} micro {r['micro_batch']} x {r['accumulation']} zero{r['zero_stage']} "
+             f"overlap={'on' if r['overlap_comm'] else 'off'} "
              f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']} teacher-graph="
              f"{'on' if r['teacher_cuda_graph'] else 'off'}: {r['images_per_s']:.1f} img/s, "
              f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB, "
              f"first step {r['first_step_s']:.1f} s"]
-    parts.append("  breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
+    parts.append("  breakdown (s per optimizer step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
     if "deepspeed_over_plain" in r:
         parts.append(f"  DeepSpeed step / plain PyTorch step: {r['deepspeed_over_plain']:.3f}")
-    if r["host_syncs_per_step"]["deepspeed"] is not None:
-        parts.append("  host synchronisations per step: " + ", ".join(f"{k} {v}" for k, v in r["host_syncs_per_step"].items()))
+    parts.append("  host synchronisations per optimizer step: " + "; ".join(
+        f"{k} {sync_text(v)}" for k, v in r["host_syncs_per_step"].items()))
     if "end_to_end" in r:
         e = r["end_to_end"]
         parts.append(f"  end-to-end with shards ({e.get('decode', 'cpu')} decode): {e['images_per_s']:.1f} img/s = "
@@ -327,17 +408,24 @@ def format_row(r: dict) -> str:
     return "\n".join(parts)
 
 
+def sync_text(syncs: dict) -> str:
+    ops = "" if syncs["tensor_ops"] is None else f" + {syncs['tensor_ops']} tensor ops"
+    return f"{syncs['synchronize']} synchronize calls{ops}"
+
+
 def markdown_table(results: list[dict]) -> str:
     """The rows BENCHMARKS.md keeps, one per result."""
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
-    lines = ["| model | img | micro | ZeRO | dtype | compile | teacher graph | images/s | TFLOP/s | MFU "
-             "| DeepSpeed / plain | host syncs / step | end-to-end / synthetic | peak GB |", "|" + " --- |" * 14]
+    lines = ["| model | img | micro x accum | ZeRO | overlap | dtype | compile | teacher graph | images/s | TFLOP/s "
+             "| MFU | DeepSpeed / plain | host syncs / step (DeepSpeed; plain) | end-to-end / synthetic | peak GB |",
+             "|" + " --- |" * 15]
     for r in results:
         e2e = r.get("end_to_end")
         e2e = f"{e2e['of_synthetic']:.2f} ({e2e['decode']} decode)" if e2e else "-"
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        syncs = " / ".join("-" if v is None else str(v) for v in r["host_syncs_per_step"].values())
-        lines.append(f"| {r['size']} | {r['img_size']} | {r['micro_batch']} | {r['zero_stage']} | "
+        syncs = "; ".join(sync_text(v) for v in r["host_syncs_per_step"].values())
+        lines.append(f"| {r['size']} | {r['img_size']} | {r['micro_batch']} x {r['accumulation']} | {r['zero_stage']} | "
+                     f"{'on' if r['overlap_comm'] else 'off'} | "
                      f"{'bf16' if r['bf16'] else 'fp32'} | {r['compile']} | {'on' if r['teacher_cuda_graph'] else 'off'} | "
                      f"{r['images_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | "
                      f"{fmt(r.get('deepspeed_over_plain'), '.3f')} | {syncs} | {e2e} | {r['peak_memory_gb']:.1f} |")
@@ -348,9 +436,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="training-step throughput, TFLOP/s and MFU (sweeps)")
     p.add_argument("--sizes", default="vit_base", help="comma-separated model sizes")
     p.add_argument("--micro", default="64", help="comma-separated micro-batches")
+    p.add_argument("--accum", default="1", help="comma-separated gradient accumulation steps (global batch = "
+                   "micro x accum): a timed step is an optimizer step, as in training")
     p.add_argument("--zero", default="1", help="comma-separated ZeRO stages")
     p.add_argument("--compile", default="off", help="comma-separated: off, inductor, ...")
     p.add_argument("--teacher-graph", default="off", help="comma-separated: off, on (CUDA-graph teacher)")
+    p.add_argument("--overlap-comm", default="auto", help="comma-separated: auto (the config's: off in one "
+                   "process), on, off: ZeRO's overlap of gradient reduction with the backward")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)

@@ -3,6 +3,10 @@
 The JSON in ds_configs/ owns ZeRO and precision. Batch sizes, accumulation and clipping come
 from the run config; the JSON may leave them out or say "auto", and any other value that
 disagrees is an error listing every conflicting key. Optimizer and scheduler live in code.
+
+Two DeepSpeed defaults cost a GPU run and are changed for every config unless its JSON says
+otherwise (RUNTIME_DEFAULTS); `zero_optimization.overlap_comm: "auto"` turns the overlap of
+gradient reduction with the backward on only where there is communication to overlap.
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.files import shipped
 
 DS_CONFIG_DIR = shipped("ds_configs")
+RUNTIME_DEFAULTS = {
+    # DeepSpeed's throughput timer calls torch.cuda.synchronize() in every forward and step
+    # (deepspeed/utils/timer.py, ThroughputTimer with "synchronized": true by default).
+    "timers": {"throughput": {"enabled": False}},
+    # With bf16 on, DeepSpeed all-reduces gradients in bf16 by default: the fp32-accumulated
+    # gradients would be rounded to bf16 on every step.
+    "communication_data_type": "fp32",
+}
 
 
 def load_ds_json(name_or_path: str) -> dict:
@@ -70,7 +82,10 @@ def fill_ds_config(name: str, *, global_batch: int, micro_batch: int, grad_clip:
     if conflicts:
         raise ConfigError(f"DeepSpeed config {name!r} contradicts the run config:\n  - "
                           + "\n  - ".join(conflicts))
-    return {**ds, **owned}
+    zero = ds.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":  # no other rank: overlapping only adds device syncs
+        ds = {**ds, "zero_optimization": {**zero, "overlap_comm": world_size > 1}}
+    return {**RUNTIME_DEFAULTS, **ds, **owned}
 
 
 def uses_bf16(ds: dict) -> bool:

@@ -32,6 +32,13 @@ def init_distributed(world: World) -> torch.device:
     return torch.device("cpu")
 
 
+def accelerator():
+    """DeepSpeed's accelerator object (its synchronize() is what its timers and ZeRO call)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
 def shutdown_distributed() -> None:
     """Tear the process group down before exit (an exiting gloo group can abort the process)."""
     if dist.is_initialized():

@@ -57,5 +57,5 @@ class Student(nn.Module):
             x = self.decoder(x, masks.ids_restore)           # [B, 1+N, Dd]
         else:
             m = masks.mask.unsqueeze(-1).to(tokens.dtype)
-            x = self.encoder.encode(tokens * (1 - m) + self.mask_token * m)  # [B, 1+N, D]
+            x = self.encoder.encode(tokens * (1 - m) + self.mask_token.to(tokens.dtype) * m)  # [B, 1+N, D]
         return self.head(x)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dbot_ds import checkpoint, engine as ds_engine
 from dbot_ds.accel import try_compile
 from dbot_ds.config import ConfigError, RunConfig
-from dbot_ds.data import EpochSampler, ShardStream, batch_to_device, build_data
+from dbot_ds.data import EpochSampler, ShardStream, build_data
 from dbot_ds.data.prefetch import DevicePrefetcher
 from dbot_ds.distributed import World, barrier, world_from_env
 from dbot_ds.ds_config import compute_dtype, resolve_ds_config, uses_bf16
@@ -65,11 +65,10 @@ class Run:
         return self.cfg.teacher.update != "breakpoint"
 
 
-def train_micro_step(eng, teacher: Teacher, batch, cfg: RunConfig,
-                     device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One micro-batch: teacher targets, masked student forward, loss, backward, (optimizer) step.
-    Returns the loss as a device tensor: no host synchronisation here."""
-    imgs = batch_to_device(batch, device, dtype, cfg.model.img_size)  # [B, 3, H, W]
+def train_micro_step(eng, teacher: Teacher, imgs: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """One micro-batch of normalised images [B, 3, H, W] on the device (DevicePrefetcher's):
+    teacher targets, masked student forward, loss, backward, (optimizer) step. Returns the loss
+    as a device tensor: no host synchronisation here."""
     loss = distill_loss(eng, teacher, imgs, cfg)
     eng.backward(loss)
     eng.step()
@@ -113,7 +112,7 @@ def setup(cfg: RunConfig, out: Path) -> Run:
     loader, position = build_data(cfg, rank=world.rank, world=world.size, run_dir=out,
                                   accum=ds_config["gradient_accumulation_steps"])
     plan = StagePlan(tuple(cfg.stages.epochs), position.steps_per_epoch)
-    loader = DevicePrefetcher(loader, device)
+    loader = DevicePrefetcher(loader, device, compute_dtype(ds_config), cfg.model.img_size)
     return Run(cfg, out, world, device, ds_config, plan, position, loader, MetricsLog(out, world.is_main),
                StopSignal(device))
 
@@ -233,7 +232,7 @@ def train_stage(run: Run, eng, teacher: Teacher, stage: int, step: int) -> int:
             lr = lr_at(step, total, warmup, peak, cfg.optim.min_lr)
             ds_engine.set_lr(eng, lr)
             torch.manual_seed(derive_seed(cfg.seed, "step", stage, step, i % accum, world.rank))
-            window.add(train_micro_step(eng, teacher, imgs, cfg, run.device, run.dtype))
+            window.add(train_micro_step(eng, teacher, imgs, cfg))
             if (i + 1) % accum:
                 continue
             step += 1

@@ -1,6 +1,7 @@
 """`dbot-ds bench` on CPU at tiny size; the compile switch and its fallback."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_bench_reports_rates_flops_breakdown_and_the_plain_pytorch_ratio(tmp_pat
     arch = cfg.model.encoder_arch()
     flops = dbot_flops_per_image(arch, cfg.model.decoder_arch(), arch, cfg.mask.ratio, cfg.mask.per_image)
     assert r["gflop_per_image"] == pytest.approx(flops.total / 1e9)
-    assert r["images_per_s"] == pytest.approx(4 / r["step_s"])
+    assert r["images_per_s"] == pytest.approx(4 / r["step_s"]) and r["accumulation"] == 1
     assert r["tflops"] == pytest.approx(r["images_per_s"] * flops.total / 1e12) and r["mfu"] == pytest.approx(r["tflops"])
     assert r["deepspeed_over_plain"] == pytest.approx(r["step_s"] / r["plain_step_s"])
     assert set(r["breakdown_s"]) == {"teacher_forward", "student_forward", "backward", "optimizer"}
@@ -93,9 +94,11 @@ def test_bench_ends_with_a_markdown_table_row_per_result(process_group, capsys):
     assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--zero", "1,2", "--steps", "1",
                  "--warmup", "1", "--repeats", "1", "--markdown", *TINY_DECODER]) == 0
     table = capsys.readouterr().out.split("| model |")[1].splitlines()[2:]
-    assert [row.split(" | ")[:4] for row in table] == [["| tiny_test", "32", "4", "1"], ["| tiny_test", "32", "4", "2"]]
-    assert all(row.split(" | ")[9] == "-" for row in table)  # no MFU without a known peak
-    assert all(row.split(" | ")[11] == "- / -" for row in table)  # syncs are counted on CUDA only
+    assert [row.split(" | ")[:5] for row in table] == [["| tiny_test", "32", "4 x 1", "1", "off"],
+                                                      ["| tiny_test", "32", "4 x 1", "2", "off"]]
+    assert all(row.split(" | ")[10] == "-" for row in table)  # no MFU without a known peak
+    # explicit synchronize calls are counted everywhere; tensor ops on CUDA only
+    assert all(row.split(" | ")[12] == "0 synchronize calls; 0 synchronize calls" for row in table)
 
 
 def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp_path, process_group):
@@ -118,3 +121,44 @@ def test_every_transformer_block_stays_compiled_through_training(process_group, 
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), no_eager_fallback():
         pretrain(cfg, tmp_path)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 12  # a graph per student block at least
+
+
+def test_the_clip_recipes_beit_blocks_compile_one_by_one():
+    from timm.models.beit import Block as BeitBlock
+
+    from dbot_ds.masking import block_masking
+    from dbot_ds.student import Student
+    arch = vit_arch("tiny_test", img_size=32, family="beit", layer_scale=0.1)
+    student = Student(arch, None, 16, drop_path=0.1)
+    masks = block_masking(2, arch.grid, 6, random.Random(0), min_block=2)
+    with no_eager_fallback():
+        assert try_compile(student, "eager", torch.randn(2, 3, 32, 32), masks, grad=True)
+    blocks = [m for m in student.modules() if isinstance(m, BeitBlock)]
+    assert len(blocks) == arch.depth and all(b._compiled_call_impl is not None for b in blocks)
+    assert student._compiled_call_impl is None  # the blocks, not the whole module
+
+
+def test_a_timed_step_is_an_optimizer_step_of_the_accumulated_global_batch(tmp_path, process_group):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--accum", "1,3",
+                 "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out), *TINY_DECODER]) == 0
+    one, three = json.loads(out.read_text())["results"]
+    assert (one["accumulation"], three["accumulation"]) == (1, 3)
+    assert three["images_per_s"] == pytest.approx(12 / three["step_s"])
+    # three micro-batches of forward and backward per step, one optimizer update
+    assert three["breakdown_s"]["backward"] > 1.5 * one["breakdown_s"]["backward"]
+
+
+def test_deepspeed_steps_make_no_explicit_device_synchronisation(process_group, tmp_path):
+    """DeepSpeed's throughput timer calls its accelerator's synchronize() in every forward and
+    step (counted here on CPU too): the resolved configs turn it off."""
+    from dbot_ds.bench import run_case
+    cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, TINY_DECODER[1::2])
+    r = run_case(cfg, torch.device("cpu"), steps=1, warmup=0, repeats=1, peak=None, compare_plain=True)
+    assert r["host_syncs_per_step"]["deepspeed"]["synchronize"] == 0
+    assert r["host_syncs_per_step"]["plain"]["synchronize"] == 0
+    timed = tmp_path / "timer_on.json"
+    timed.write_text(json.dumps({"zero_optimization": {"stage": 1}, "timers": {"throughput": {"enabled": True}}}))
+    cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, [*TINY_DECODER[1::2], f"deepspeed={timed}"])
+    r = run_case(cfg, torch.device("cpu"), steps=1, warmup=0, repeats=1, peak=None, compare_plain=False)
+    assert r["host_syncs_per_step"]["deepspeed"]["synchronize"] >= 2  # the counter sees them

@@ -4,7 +4,7 @@ import pytest
 from conftest import PAPER_DATA
 
 from dbot_ds.config import ConfigError, load_config
-from dbot_ds.ds_config import resolve_ds_config
+from dbot_ds.ds_config import DS_CONFIG_DIR, resolve_ds_config
 
 
 def test_recipes_that_need_a_teacher_say_so():
@@ -123,3 +123,25 @@ def test_unknown_recipe_lists_the_known_ones():
 def test_paper_recipes_need_their_data_named():
     with pytest.raises(ConfigError, match="data.source=shards needs data.shards"):
         load_config("vit_base")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
+def test_every_shipped_deepspeed_config_turns_off_the_synchronising_timer_and_reduces_in_fp32(name, process_group):
+    import torch
+
+    from dbot_ds import engine
+    from dbot_ds.ds_config import fill_ds_config
+    from dbot_ds.models import vit_arch
+    from dbot_ds.student import Student
+    ds = fill_ds_config(name, global_batch=8, micro_batch=8, grad_clip=0.0, world_size=1)
+    assert ds["timers"] == {"throughput": {"enabled": False}} and ds["communication_data_type"] == "fp32"
+    if "overlap_comm" in ds.get("zero_optimization", {}):  # "auto": only with ranks to overlap with
+        assert ds["zero_optimization"]["overlap_comm"] is False
+        assert fill_ds_config(name, global_batch=16, micro_batch=8, grad_clip=0.0, world_size=2)[
+            "zero_optimization"]["overlap_comm"] is True
+    if ds.get("bf16", {}).get("enabled") and not ds["zero_optimization"]["stage"]:
+        return  # refused elsewhere (no fp32 master at ZeRO-0)
+    eng = engine.initialize(Student(vit_arch("tiny_test", img_size=32), None, 32), ds, torch.device("cpu"),
+                            1e-3, (0.9, 0.95), lambda m: engine.param_groups(m, 0.05))
+    assert eng.communication_data_type == torch.float32 and not eng.tput_timer.config.enabled
+    eng.destroy()

@@ -111,5 +111,7 @@ def test_the_benchmark_on_the_gpu_uses_bf16_device_events_and_the_datasheet_peak
         assert r["bf16"] and r["peak_memory_gb"] > 0 and r["deepspeed_over_plain"] > 0
         assert (0 < r["mfu"] < 1) if peak else r["mfu"] is None
         # our step (teacher, masks, student, loss, fused AdamW) never waits for the GPU; DeepSpeed's
-        # ZeRO-1 BF16_Optimizer reads the gradient norm on the host (what README says)
-        assert r["host_syncs_per_step"]["plain"] == 0 and r["host_syncs_per_step"]["deepspeed"] >= 1
+        # ZeRO-1 BF16_Optimizer reads the gradient norm on the host (what README says); its
+        # throughput timer is off, so no explicit synchronize calls
+        plain, deep = r["host_syncs_per_step"]["plain"], r["host_syncs_per_step"]["deepspeed"]
+        assert plain == {"synchronize": 0, "tensor_ops": 0} and deep["synchronize"] == 0 and deep["tensor_ops"] >= 1

@@ -131,14 +131,55 @@ def test_device_decode_path_gives_the_same_samples_as_the_cpu_path(uneven):
     assert got == cpu
 
 
-def test_the_device_prefetcher_passes_batches_through_unchanged_on_cpu(uneven):
+def test_the_prefetcher_hands_over_normalised_images_in_loader_order(uneven):
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    from dbot_ds.data.transforms import normalize_on_device
+    cpu = torch.device("cpu")
+    ds = stream(uneven, micro=4)
+    ds.set_position(0, 0)
+    direct = [normalize_on_device(b, cpu, torch.bfloat16) for b in DataLoader(ds, batch_size=4)]
+    ds.set_position(0, 0)
+    prefetched = list(DevicePrefetcher(DataLoader(ds, batch_size=4), cpu, torch.bfloat16, 16))
+    assert len(direct) == len(prefetched) and all(torch.equal(a, b) for a, b in zip(direct, prefetched))
+
+
+def test_device_decode_batches_cross_from_the_workers_as_one_byte_tensor_and_decode_ahead(uneven):
+    """One flat uint8 tensor + offsets per batch (not one shared-memory tensor per image); the
+    prefetcher's thread decodes and crops them to the CPU path's images."""
+    from dbot_ds.data.device_decode import collate_jpegs
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    cpu = torch.device("cpu")
+    ds = stream(uneven, micro=4, decode="device")
+    ds.set_position(0, 0)
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=1, collate_fn=collate_jpegs)))
+    assert batch.data.dim() == 1 and batch.data.dtype == torch.uint8 and batch.offsets.tolist()[0] == 0
+    assert batch.offsets[-1] == len(batch.data) and len(batch.offsets) == 5
+    ds.set_position(0, 0)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_jpegs)
+    decoded = list(DevicePrefetcher(loader, cpu, torch.float32, 16))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert [[solid_index((img * std + mean) * 255) for img in b] for b in decoded] == \
+        read_epoch(stream(uneven, micro=4), epoch=0, workers=2)
+
+
+def test_a_loader_error_reaches_the_consumer_of_the_prefetcher(tmp_path):
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    manifest = write_shards(tmp_path, [8], corrupt=set(range(8)))
+    ds = stream(manifest, micro=4)
+    ds.set_position(0, 0)
+    with pytest.raises(ShardError, match="bad samples exceed data.max_bad_fraction"):
+        list(DevicePrefetcher(DataLoader(ds, batch_size=4), torch.device("cpu"), torch.float32, 16))
+
+
+def test_leaving_an_epoch_early_stops_the_prefetch_thread(uneven):
+    import threading
+
     from dbot_ds.data.prefetch import DevicePrefetcher
     ds = stream(uneven, micro=4)
     ds.set_position(0, 0)
-    direct = list(DataLoader(ds, batch_size=4))
-    ds.set_position(0, 0)
-    prefetched = list(DevicePrefetcher(DataLoader(ds, batch_size=4), torch.device("cpu")))
-    assert len(direct) == len(prefetched) and all(torch.equal(a, b) for a, b in zip(direct, prefetched))
+    for _ in DevicePrefetcher(DataLoader(ds, batch_size=4), torch.device("cpu"), torch.float32, 16, ahead=1):
+        break  # a stop request mid-epoch
+    assert not any(t.name == "dbot-prefetch" and t.is_alive() for t in threading.enumerate())
 
 
 def test_the_device_decode_path_counts_a_cmyk_jpeg_as_a_bad_sample(tmp_path, caplog):

@@ -49,14 +49,46 @@ def test_the_generated_image_path_crops_bicubic_too():
     assert (ours.int() - ref.permute(2, 0, 1).int()).abs().float().mean() < 1.0
 
 
-def test_the_device_decode_crop_matches_the_cpu_crop(textured):
+def device_crops(data: bytes, seeds) -> torch.Tensor:
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET)
+    batch = collate_jpegs([jpeg_sample(data, (0.3, 1.0), True, random.Random(s)) for s in seeds])
+    return ((decode_batch(batch, 24, torch.device("cpu"), torch.float32) * std + mean) * 255).round()
+
+
+def test_the_device_decode_crops_match_the_cpu_crops(textured):
+    """One batched resize of all crops, as PIL's bicubic box resize: the same crops as the CPU
+    path (both decoders are libjpeg-turbo here; other JPEG decoders differ by a level)."""
+    dev = device_crops(textured, range(6))
     for seed in range(6):
         cpu = decode_crop(textured, 24, (0.3, 1.0), True, random.Random(seed))
-        batch = collate_jpegs([jpeg_sample(textured, (0.3, 1.0), True, random.Random(seed))])
-        dev = (decode_batch(batch, 24, torch.device("cpu"), torch.float32) * std + mean) * 255
-        diff = (dev[0].round() - cpu.float()).abs()
-        assert diff.mean() < 0.5 and diff.max() <= 3
+        assert (dev[seed] - cpu.float()).abs().max() <= 1
+
+
+def test_the_batched_resize_is_pils_bicubic_box_resize_on_the_same_pixels(textured):
+    from dbot_ds.data.device_decode import decode_on_device, resize_crops
+    batch = collate_jpegs([jpeg_sample(textured, (0.1, 1.0), False, random.Random(s)) for s in range(8)])
+    images = decode_on_device(batch.jpegs(), torch.device("cpu"))
+    ours = resize_crops(images, batch.boxes, batch.flips, 24)
+    for img, (top, left, h, w), got in zip(images, batch.boxes.tolist(), ours):
+        ref = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(
+            (24, 24), Image.BICUBIC, box=(left, top, left + w, top + h), reducing_gap=None)
+        assert (got - torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()).abs().max() <= 1
+
+
+def test_without_torchcodec_the_device_decoder_falls_back_to_torchvision(textured, monkeypatch):
+    import sys
+
+    from dbot_ds.data import device_decode
+    with_codec = device_crops(textured, range(3))
+    assert device_decode.jpeg_decoder().library == "torchcodec"  # a dev dependency
+    device_decode.jpeg_decoder.cache_clear()
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # import torchcodec -> ImportError
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    try:
+        assert device_decode.jpeg_decoder().library == "torchvision"
+        assert torch.equal(device_crops(textured, range(3)), with_codec)
+    finally:
+        device_decode.jpeg_decoder.cache_clear()
 
 
 def test_colour_jitter_draws_as_torchvisions_color_jitter():

@@ -1,7 +1,8 @@
 """Data: in-memory generated images or streamed WebDataset shards, with exact epoch positions.
 
 Both sources expose the same position interface (`steps_per_epoch`, `set_position(epoch,
-step_in_epoch)`), which is what the training loop and its checkpoints see.
+step_in_epoch)`), which is what the training loop and its checkpoints see; prefetch.py turns
+their batches into normalised images on the device.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from torch.utils.data import DataLoader
 
 from dbot_ds.config import RunConfig
 from dbot_ds.distributed import barrier
-from dbot_ds.data.device_decode import JpegBatch, collate_jpegs, decode_batch
+from dbot_ds.data.device_decode import collate_jpegs
 from dbot_ds.data.sampler import EpochSampler
 from dbot_ds.data.shard_loader import ShardStream
 from dbot_ds.data.shards import read_manifest
 from dbot_ds.data.synthetic import SyntheticImages, write_generated_imagefolder
-from dbot_ds.data.transforms import normalize_on_device
 
 
 def generated_shards(cfg: RunConfig, run_dir: Path) -> Path:
@@ -76,11 +76,4 @@ def build_data(cfg: RunConfig, *, rank: int, world: int, accum: int, run_dir: Pa
     return DataLoader(stream, **loader_kw), stream
 
 
-def batch_to_device(batch, device: torch.device, dtype: torch.dtype, size: int) -> torch.Tensor:
-    """A loader batch -> normalised images [B, 3, size, size] on device."""
-    if isinstance(batch, JpegBatch):
-        return decode_batch(batch, size, device, dtype)
-    return normalize_on_device(batch, device, dtype)
-
-
-__all__ = ["build_data", "batch_to_device", "EpochSampler", "ShardStream"]
+__all__ = ["build_data", "EpochSampler", "ShardStream"]

@@ -1,36 +1,83 @@
-"""Host-to-device copies overlapped with compute: the next batch is copied on a side stream
-(from pinned memory, non_blocking) while the current step runs. A pass-through on CPU."""
+"""Batches ready on the device, prepared while the current step runs.
+
+Each batch from the DataLoader becomes normalised images [B, 3, H, W] in the compute dtype on
+the device, one batch ahead, on a thread of its own (the decode and the resize release the
+interpreter) and, on CUDA, a stream of its own: uint8 crops are copied from pinned memory and
+normalised; JPEG batches (data.decode=device) are decoded, cropped, resized and normalised. The
+training stream waits for a batch's event before using it: no host synchronisation.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
+
 import torch
+
+from dbot_ds.data.device_decode import JpegBatch, decode_batch
+from dbot_ds.data.transforms import normalize_on_device
+
+_DONE = object()
 
 
 class DevicePrefetcher:
-    def __init__(self, loader, device: torch.device):
-        self.loader, self.device = loader, device
+    def __init__(self, loader, device: torch.device, dtype: torch.dtype, size: int, ahead: int = 2):
+        self.loader, self.device, self.dtype, self.size, self.ahead = loader, device, dtype, size, ahead
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self):
-        if self.device.type != "cuda":
-            yield from self.loader
-            return
-        stream = torch.cuda.Stream(self.device)
-        current = torch.cuda.current_stream(self.device)
-        batches = iter(self.loader)
-        upcoming = self._copy(next(batches, None), stream)
-        while upcoming is not None:
-            current.wait_stream(stream)  # the copy of this batch has landed
-            batch = upcoming
-            if isinstance(batch, torch.Tensor):
-                batch.record_stream(current)  # allocated on the side stream, used on this one
-            upcoming = self._copy(next(batches, None), stream)
-            yield batch
+    def prepare(self, batch) -> torch.Tensor:
+        if isinstance(batch, JpegBatch):
+            return decode_batch(batch, self.size, self.device, self.dtype)
+        return normalize_on_device(batch, self.device, self.dtype)
 
-    def _copy(self, batch, stream):
-        if not isinstance(batch, torch.Tensor):  # None at the end; JPEG batches decode on device later
-            return batch
-        with torch.cuda.stream(stream):
-            return batch.to(self.device, non_blocking=True)
+    def __iter__(self):
+        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def produce():
+            try:
+                with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
+                    for batch in self.loader:
+                        imgs = self.prepare(batch)
+                        event = torch.cuda.Event() if cuda else None
+                        if cuda:
+                            event.record(stream)
+                        while not stop.is_set():
+                            try:
+                                ready.put((imgs, event), timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        if stop.is_set():
+                            return
+                ready.put((_DONE, None))
+            except BaseException as e:  # the consumer re-raises it as it was
+                ready.put((e, None))
+
+        worker = threading.Thread(target=produce, name="dbot-prefetch", daemon=True)
+        worker.start()
+        try:
+            while True:
+                imgs, event = ready.get()
+                if imgs is _DONE:
+                    return
+                if isinstance(imgs, BaseException):
+                    raise imgs
+                if cuda:
+                    current = torch.cuda.current_stream(self.device)
+                    current.wait_event(event)     # on the device: the host does not wait
+                    imgs.record_stream(current)   # made on the side stream, used on this one
+                yield imgs
+        finally:
+            stop.set()
+            while worker.is_alive():  # let a producer blocked on a full queue see the stop
+                try:
+                    ready.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)
+

@@ -13,12 +13,23 @@ import math
 import torch
 from torch import nn
 from timm.layers import PatchEmbed
-from timm.models.beit import Block, RelativePositionBias
+from timm.models.beit import Block as TimmBeitBlock
+from timm.models.beit import RelativePositionBias
 
 from dbot_ds.models.sizes import ViTArch
 from dbot_ds.models.vit import drop_path_rates, layer_norm
 
 INIT_STD = 0.02
+
+
+class Block(TimmBeitBlock):
+    """timm's Beit block with its layer scales applied in the activations' dtype: under autocast
+    the fp32 gammas would otherwise promote the residual stream to fp32."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        g1, g2 = self.gamma_1.to(x.dtype), self.gamma_2.to(x.dtype)
+        x = x + self.drop_path1(g1 * self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias))
+        return x + self.drop_path2(g2 * self.mlp(self.norm2(x)))
 
 
 def trunc_normal_beit_(tensor: torch.Tensor) -> torch.Tensor:
@@ -51,6 +62,8 @@ class BeitViT(nn.Module):
         grid = (arch.grid, arch.grid)
         self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
+        if not arch.layer_scale:
+            raise ValueError("a beit-family encoder has layer scale: set its initial value (model.layer_scale)")
         self.rel_pos_bias = RelativePositionBias(window_size=grid, num_heads=arch.heads)
         self.blocks = nn.ModuleList([
             Block(arch.width, arch.heads, qkv_bias=True, mlp_ratio=arch.mlp_ratio, drop_path=rate,

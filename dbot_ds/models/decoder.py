@@ -48,7 +48,8 @@ class Decoder(nn.Module):
         """x [B, 1+K, D] (cls + visible), ids_restore [B, N] -> [B, 1+N, Dd]."""
         x = self.embed(x)
         b, n, d = x.shape[0], ids_restore.shape[1], x.shape[2]
-        patches = torch.cat([x[:, 1:], self.mask_token.expand(b, n + 1 - x.shape[1], -1)], dim=1)
+        mask_tokens = self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], -1)  # not promoting x to fp32
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
         return self.norm(self.blocks(x))

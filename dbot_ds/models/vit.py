@@ -88,11 +88,13 @@ class ViT(nn.Module):
     def block_input(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
         """patch tokens [B, N, D] (+ ids_keep [B, K]) -> the first block's input [B, 1+K, D]:
         positions added, the visible subset kept, cls prepended (K = N without ids_keep)."""
-        pos = self.pos_embed.to(tokens.dtype)  # engines may keep buffers fp32 under bf16
+        # in the activations' dtype: fp32 positions or cls token (engines keep buffers fp32 under
+        # bf16; autocast keeps fp32 weights) would promote the whole residual stream to fp32
+        pos = self.pos_embed.to(tokens.dtype)
         x = tokens + pos[:, 1:]
         if ids_keep is not None:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token.to(tokens.dtype) + pos[:, :1]).expand(x.shape[0], -1, -1)
         return self.norm_pre(torch.cat([cls, x], dim=1))
 
     def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
