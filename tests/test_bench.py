@@ -162,3 +162,23 @@ def test_deepspeed_steps_make_no_explicit_device_synchronisation(process_group, 
     cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, [*TINY_DECODER[1::2], f"deepspeed={timed}"])
     r = run_case(cfg, torch.device("cpu"), steps=1, warmup=0, repeats=1, peak=None, compare_plain=False)
     assert r["host_syncs_per_step"]["deepspeed"]["synchronize"] >= 2  # the counter sees them
+
+
+def test_the_gpu_plan_writes_its_report_as_each_step_finishes(tmp_path):
+    """bench/gpu_plan.sh at tiny size on CPU: each step under its own timeout, the report
+    rewritten after each (what a command killed at its limit would still return)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from conftest import subprocess_env
+    env = {**subprocess_env(), "CASES": "tiny_test:8", "IMG": "32", "STEPS": "1", "WORK": str(tmp_path / "work")}
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_plan.sh"
+    done = subprocess.run([str(script), str(tmp_path / "out"), "1", "3"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["plan.log", "report.json", "report.md", "times.txt"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["step"] for r in report["results"]] == ["step1", "step3", "step3"]  # step 3: accum 1 and 4
+    assert [r["accumulation"] for r in report["results"]] == [1, 1, 4]
+    assert "step1: exit 0" in (tmp_path / "out" / "times.txt").read_text()

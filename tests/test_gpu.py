@@ -60,15 +60,16 @@ def test_a_cuda_graph_ema_teacher_sees_its_weights_change_in_place():
     assert not torch.allclose(after, before, atol=1e-2)
 
 
-def test_the_prefetcher_hands_over_the_loader_batches_on_the_device(tmp_path):
+def test_the_prefetcher_hands_over_the_loader_batches_normalised_on_the_device(tmp_path):
     from dbot_ds.data.prefetch import DevicePrefetcher
+    from dbot_ds.data.transforms import normalize_on_device
     ds = stream(write_shards(tmp_path, [7, 13, 12]), micro=4)
     ds.set_position(0, 0)
-    direct = list(DataLoader(ds, batch_size=4, num_workers=2))
+    direct = [normalize_on_device(b, CUDA, torch.bfloat16) for b in DataLoader(ds, batch_size=4, num_workers=2)]
     ds.set_position(0, 0)
-    got = list(DevicePrefetcher(DataLoader(ds, batch_size=4, num_workers=2, pin_memory=True), CUDA))
-    assert all(b.device.type == CUDA.type for b in got)
-    assert len(got) == len(direct) and all(torch.equal(a, b.cpu()) for a, b in zip(direct, got))
+    got = list(DevicePrefetcher(DataLoader(ds, batch_size=4, num_workers=2, pin_memory=True), CUDA, torch.bfloat16, 16))
+    assert all(b.device.type == CUDA.type and b.dtype == torch.bfloat16 for b in got)
+    assert len(got) == len(direct) and all(torch.equal(a, b) for a, b in zip(direct, got))
 
 
 def test_nvjpeg_decode_gives_the_samples_of_the_cpu_path(tmp_path):
@@ -85,6 +86,34 @@ def test_nvjpeg_decode_gives_the_samples_of_the_cpu_path(tmp_path):
         assert imgs.device.type == CUDA.type and imgs.dtype == torch.bfloat16 and imgs.shape == (4, 3, 16, 16)
         got.append([solid_index(((img.float() * std + mean) * 255).cpu()) for img in imgs])
     assert got == cpu
+
+
+def test_the_prefetcher_decodes_jpeg_batches_on_its_stream_to_the_cpu_paths_crops(tmp_path):
+    """nvJPEG + the batched bicubic resize on the prefetch thread and stream: the CPU path's crops
+    to a level or two (nvJPEG's IDCT differs from libjpeg-turbo's), ready on the training stream."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from dbot_ds.data.device_decode import collate_jpegs, jpeg_sample
+    from dbot_ds.data.prefetch import DevicePrefetcher
+    from dbot_ds.data.transforms import decode_crop
+    yy, xx = np.mgrid[0:120, 0:160]
+    img = 127 + 60 * np.sin(xx / 5.0)[..., None] * np.array([1, 0.5, -1]) + 50 * np.cos(yy / 7.0)[..., None]
+    buf = io.BytesIO()
+    Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=95)
+    data = buf.getvalue()
+    batches = [collate_jpegs([jpeg_sample(data, (0.5, 1.0), True, random.Random(8 * b + i)) for i in range(8)])
+               for b in range(3)]
+    mean = torch.tensor([0.485, 0.456, 0.406], device=CUDA).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=CUDA).view(3, 1, 1)
+    for b, imgs in enumerate(DevicePrefetcher(batches, CUDA, torch.float32, 96)):
+        for i, got in enumerate(imgs):
+            cpu = decode_crop(data, 96, (0.5, 1.0), True, random.Random(8 * b + i)).float().to(CUDA)
+            diff = ((got * std + mean) * 255 - cpu).abs()
+            assert diff.mean() < 1.0 and diff.max() <= 8
 
 
 @pytest.mark.parametrize("fast", [[], ["cuda_graph_teacher=true", "compile=inductor"]], ids=["eager", "graph+inductor"])

@@ -76,7 +76,7 @@ def jpeg_decoder():
         def decode(jpegs, device):
             return decode_jpeg(jpegs, mode="RGB", device=device)
         decode.library = "torchcodec"
-    except ImportError:
+    except (ImportError, OSError, RuntimeError):  # not installed, or its native libraries do not load
         from torchvision.io import ImageReadMode
         from torchvision.io import decode_jpeg as tv_decode_jpeg
 
@@ -88,11 +88,27 @@ def jpeg_decoder():
     return decode
 
 
+@functools.lru_cache(maxsize=None)
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def decode_on_device(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """-> uint8 [3, H, W] images on `device`, decoded on the current stream. (The caller runs
-    this on a stream of its own: torchvision's nvJPEG path allocates on the current stream but
-    decodes on another that does not wait for it; pytorch/vision PR 9606.)"""
-    return jpeg_decoder()(jpegs, device)
+    """-> uint8 [3, H, W] images on `device`. On CUDA the decoder runs with a stream of its own
+    current, on which nothing else ever runs: torchvision allocates the outputs on the current
+    stream but decodes on another one that does not wait for it, so on a busy stream nvJPEG could
+    write into blocks that queued kernels still read (pytorch/vision PR 9606). The images are then
+    handed to the caller's stream, and marked used there so their blocks are not recycled early."""
+    if device.type != "cuda":
+        return jpeg_decoder()(jpegs, device)
+    current, side = torch.cuda.current_stream(device), _decode_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        images = jpeg_decoder()(jpegs, device)
+    current.wait_stream(side)
+    for img in images:
+        img.record_stream(current)
+    return images
 
 
 def bicubic(x: torch.Tensor) -> torch.Tensor:
