@@ -17,5 +17,5 @@ setup(
     entry_points={"console_scripts": ["dbot-ds=dbot_ds.cli:main"]},
     # Found in the checkout by an editable install, under <prefix>/share/dbot-ds by a regular one.
     data_files=[("share/dbot-ds/ds_configs", glob("ds_configs/*.json")),
-                ("share/dbot-ds/slurm", ["slurm/stage.sbatch", "slurm/cluster.sh"])],
+                ("share/dbot-ds/slurm", ["slurm/train.sbatch", "slurm/cluster.sh"])],
 )

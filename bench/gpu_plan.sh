@@ -37,7 +37,7 @@ report() {  # OUT/report.json and report.md from every step's JSON so far
   python3 -c '
 import json, sys
 from pathlib import Path
-from dbot_ds.bench import markdown_table
+from dbot_ds.commands.bench import markdown_table
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 files = sorted(work.glob("step*.json"))
 reports = [json.loads(p.read_text()) for p in files]

@@ -1,5 +1,5 @@
 import sys
 
-from data_tools.cli import main
+from dbot_ds.data.tools.cli import main
 
 sys.exit(main())

@@ -5,11 +5,11 @@ import dataclasses
 import sys
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import tiny_config  # noqa: E402
+from helpers import tiny_config  # noqa: E402
 
-from dbot_ds.distributed import world_from_env  # noqa: E402
-from dbot_ds.engine import init_distributed, replicas_identical, shutdown_distributed  # noqa: E402
-from dbot_ds.stages import fresh_student  # noqa: E402
+from dbot_ds.runtime.distributed import world_from_env  # noqa: E402
+from dbot_ds.runtime.engine import init_distributed, replicas_identical, shutdown_distributed  # noqa: E402
+from dbot_ds.method.stages import fresh_student  # noqa: E402
 
 world = world_from_env()
 assert world.size == 2, world

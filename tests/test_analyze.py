@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
-from dbot_ds.analyze import (analyze, attention_maps, first_singular_box, iou, mean_attention_distance,
+from dbot_ds.commands.analyze import (analyze, attention_maps, first_singular_box, iou, mean_attention_distance,
                              patch_distances, singular_value_share)
 from dbot_ds.cli import main
 from dbot_ds.models import ViT, vit_arch
@@ -70,9 +70,9 @@ def test_analyze_gives_one_row_per_block_and_corloc_against_the_boxes(depth):
 
 
 def test_the_analyze_command(process_group, tmp_path):
-    from test_shard_loader import write_shards
+    from helpers import write_shards
 
-    from dbot_ds.train import pretrain
+    from dbot_ds.commands.pretrain import pretrain
     manifest = write_shards(tmp_path / "shards", [8])
     pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "run")
     (tmp_path / "boxes.json").write_text(json.dumps([[[0, 0, 32, 32]]] * 8))

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PAPER_DATA
+from helpers import PAPER_DATA
 from safetensors.torch import load_file
 
 from dbot_ds.config import load_config
-from dbot_ds.masking import Masks, block_mask, random_masking
+from dbot_ds.method.masking import Masks, block_mask, random_masking
 from dbot_ds.models import DecoderArch, ViTArch, build_encoder
-from dbot_ds.stages import build_teacher
-from dbot_ds.student import Student
-from dbot_ds.teacher import TeacherWeights
-from dbot_ds.teacher_import import import_teacher, resize_grid
-from dbot_ds.train import distill_loss
+from dbot_ds.method.teacher import build_teacher
+from dbot_ds.method.student import Student
+from dbot_ds.method.teacher import TeacherWeights
+from dbot_ds.weights.layouts import import_teacher, resize_grid
+from dbot_ds.method.tasks import distill_loss
 
 FIXTURES = Path(__file__).parent / "fixtures" / "authors"
 TOL = dict(rtol=1e-4, atol=1e-6)

@@ -5,12 +5,12 @@ import random
 
 import pytest
 import torch
-from conftest import TINY_DECODER, no_eager_fallback, tiny_config
+from helpers import TINY_DECODER, no_eager_fallback, tiny_config, write_shards
 
-from dbot_ds.accel import try_compile
-from dbot_ds.bench import bench_config
+from dbot_ds.runtime.accel import graph_teacher, try_compile
+from dbot_ds.commands.bench import bench_config
 from dbot_ds.cli import main
-from dbot_ds.flops import dbot_flops_per_image
+from dbot_ds.method.flops import dbot_flops_per_image
 from dbot_ds.models import ViT, vit_arch
 
 
@@ -36,7 +36,6 @@ def test_bench_reports_rates_flops_breakdown_and_the_plain_pytorch_ratio(tmp_pat
 
 
 def test_bench_end_to_end_with_real_shards(tmp_path, process_group, capsys):
-    from test_shard_loader import write_shards
     manifest = write_shards(tmp_path / "shards", [20, 20])
     assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "2",
                  "--warmup", "1", "--repeats", "1", "--no-plain", "--data", "shards", "--shards", str(manifest),
@@ -61,7 +60,7 @@ def test_compile_switch_compiles_or_falls_back_to_eager():
 
 
 def test_training_runs_with_the_compile_switch_on(process_group, tmp_path):
-    from dbot_ds.train import pretrain
+    from dbot_ds.commands.pretrain import pretrain
     torch._dynamo.utils.counters.clear()
     with no_eager_fallback():  # "eager" needs no compiler
         pretrain(tiny_config("compile=eager", "stages.epochs=[1]"), tmp_path)
@@ -70,12 +69,12 @@ def test_training_runs_with_the_compile_switch_on(process_group, tmp_path):
 
 
 def test_cuda_graph_teacher_switch_falls_back_to_eager_without_cuda():
-    from dbot_ds.teacher import Teacher
+    from dbot_ds.method.teacher import Teacher
     teacher = Teacher(ViT(vit_arch("tiny_test", img_size=32)), "t")
     imgs = torch.randn(4, 3, 32, 32)
     eager = teacher.targets(imgs)
     with pytest.warns(UserWarning, match="CUDA-graph capture needs a CUDA device, running eagerly"):
-        assert not teacher.use_cuda_graphs()
+        assert not graph_teacher(teacher)
     assert teacher.graphed is None and torch.equal(teacher.targets(imgs), eager)
 
 
@@ -101,12 +100,16 @@ def test_bench_ends_with_a_markdown_table_row_per_result(process_group, capsys):
     assert all(row.split(" | ")[12] == "0 synchronize calls; 0 synchronize calls" for row in table)
 
 
-def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp_path, process_group):
-    from test_shard_loader import write_shards
+def test_bench_refuses_shards_too_small_for_the_end_to_end_run_before_timing(tmp_path, process_group, capsys):
     manifest = write_shards(tmp_path / "shards", [10, 10])  # 5 batches of 4
-    with pytest.raises(SystemExit, match="one epoch holds 5 batches of 4, the end-to-end run reads 7"):
-        main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "5", "--warmup", "2",
-              "--no-plain", "--data", "shards", "--shards", str(manifest), "--workers", "0", *TINY_DECODER])
+    assert main(["bench", "--sizes", "tiny_test", "--img-size", "32", "--micro", "4", "--steps", "5", "--warmup", "2",
+                 "--no-plain", "--data", "shards", "--shards", str(manifest), "--workers", "0", *TINY_DECODER]) == 2
+    assert "one epoch holds 5 batches of 4, the end-to-end run reads 7" in capsys.readouterr().err
+
+
+def test_bench_options_are_checked_like_every_config(capsys):
+    assert main(["bench", "--teacher-graph", "off,maybe"]) == 2
+    assert "teacher_graph 'maybe' is not one of 'off', 'on'" in capsys.readouterr().err
 
 
 def test_every_transformer_block_stays_compiled_through_training(process_group, tmp_path):
@@ -115,7 +118,7 @@ def test_every_transformer_block_stays_compiled_through_training(process_group, 
     eagerly and say nothing. Here hitting the cap is an error."""
     import torch._dynamo
 
-    from dbot_ds.train import pretrain
+    from dbot_ds.commands.pretrain import pretrain
     cfg = tiny_config("model.size=vit_tiny", "model.img_size=64", "compile=eager", "stages.epochs=[1]")
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), no_eager_fallback():
@@ -126,8 +129,8 @@ def test_every_transformer_block_stays_compiled_through_training(process_group, 
 def test_the_clip_recipes_beit_blocks_compile_one_by_one():
     from timm.models.beit import Block as BeitBlock
 
-    from dbot_ds.masking import block_masking
-    from dbot_ds.student import Student
+    from dbot_ds.method.masking import block_masking
+    from dbot_ds.method.student import Student
     arch = vit_arch("tiny_test", img_size=32, family="beit", layer_scale=0.1)
     student = Student(arch, None, 16, drop_path=0.1)
     masks = block_masking(2, arch.grid, 6, random.Random(0), min_block=2)
@@ -152,7 +155,7 @@ def test_a_timed_step_is_an_optimizer_step_of_the_accumulated_global_batch(tmp_p
 def test_deepspeed_steps_make_no_explicit_device_synchronisation(process_group, tmp_path):
     """DeepSpeed's throughput timer calls its accelerator's synchronize() in every forward and
     step (counted here on CPU too): the resolved configs turn it off."""
-    from dbot_ds.bench import run_case
+    from dbot_ds.commands.bench import run_case
     cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, TINY_DECODER[1::2])
     r = run_case(cfg, torch.device("cpu"), steps=1, warmup=0, repeats=1, peak=None, compare_plain=True)
     assert r["host_syncs_per_step"]["deepspeed"]["synchronize"] == 0
@@ -171,7 +174,7 @@ def test_the_gpu_plan_writes_its_report_as_each_step_finishes(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from conftest import subprocess_env
+    from helpers import subprocess_env
     env = {**subprocess_env(), "CASES": "tiny_test:8", "IMG": "32", "STEPS": "1", "WORK": str(tmp_path / "work")}
     script = Path(__file__).resolve().parent.parent / "bench" / "gpu_plan.sh"
     done = subprocess.run([str(script), str(tmp_path / "out"), "1", "3"], env=env, capture_output=True, text=True,

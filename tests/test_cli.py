@@ -5,7 +5,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import subprocess_env
+from helpers import subprocess_env
 
 
 def dbot_ds(*args, timeout=300):
@@ -56,7 +56,7 @@ def test_bench_data_prints_rates_and_ratios(tmp_path):
 
 
 def test_shards_subcommands_are_reachable_from_dbot_ds(tmp_path):
-    from imagegen import mini_imagenet
+    from helpers import mini_imagenet
     mini_imagenet(tmp_path / "train")
     r = dbot_ds("shards", "convert", "--imagefolder", str(tmp_path / "train"), "--out", str(tmp_path / "s"),
                 "--shard-size", "8")

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-from conftest import PAPER_DATA
+from helpers import PAPER_DATA
 
 from dbot_ds.config import ConfigError, load_config
-from dbot_ds.ds_config import DS_CONFIG_DIR, resolve_ds_config
+from dbot_ds.runtime.ds_config import DS_CONFIG_DIR, resolve_ds_config
 
 
 def test_recipes_that_need_a_teacher_say_so():
@@ -129,10 +129,10 @@ def test_paper_recipes_need_their_data_named():
 def test_every_shipped_deepspeed_config_turns_off_the_synchronising_timer_and_reduces_in_fp32(name, process_group):
     import torch
 
-    from dbot_ds import engine
-    from dbot_ds.ds_config import fill_ds_config
+    from dbot_ds.runtime import engine
+    from dbot_ds.runtime.ds_config import fill_ds_config
     from dbot_ds.models import vit_arch
-    from dbot_ds.student import Student
+    from dbot_ds.method.student import Student
     ds = fill_ds_config(name, global_batch=8, micro_batch=8, grad_clip=0.0, world_size=1)
     assert ds["timers"] == {"throughput": {"enabled": False}} and ds["communication_data_type"] == "fp32"
     if "overlap_comm" in ds.get("zero_optimization", {}):  # "auto": only with ranks to overlap with

@@ -4,13 +4,13 @@ import io
 import json
 
 import pytest
-from imagegen import ilsvrc_tar_of_tars, jpeg, mini_imagenet
+from helpers import ilsvrc_tar_of_tars, jpeg, mini_imagenet
 from PIL import Image
 
-from data_tools import sources
-from data_tools.cli import main as shards_main
-from data_tools.convert import convert
-from data_tools.verify import inspect, verify
+from dbot_ds.data.tools import sources
+from dbot_ds.data.tools.cli import main as shards_main
+from dbot_ds.data.tools.convert import convert
+from dbot_ds.data.tools.verify import inspect, verify
 from dbot_ds.data.shards import ShardError, read_manifest
 from dbot_ds.data.tar_samples import iter_shard_samples
 

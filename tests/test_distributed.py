@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env, tiny_args
+from helpers import subprocess_env, tiny_args
 
-from dbot_ds import checkpoint
-from dbot_ds.distributed import free_port
-from dbot_ds.export import read_export
+from dbot_ds.runtime import checkpoint
+from dbot_ds.runtime.distributed import free_port
+from dbot_ds.weights.export import read_export
 
 HERE = Path(__file__).parent
 

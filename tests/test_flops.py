@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from dbot_ds.flops import dbot_flops_per_image, measured_step_flops
-from dbot_ds.losses import masked_distill_loss
-from dbot_ds.masking import random_masking
+from dbot_ds.method.flops import dbot_flops_per_image, measured_step_flops
+from dbot_ds.method.losses import masked_distill_loss
+from dbot_ds.method.masking import random_masking
 from dbot_ds.models import DecoderArch, ViT, vit_arch
-from dbot_ds.student import Student
-from dbot_ds.teacher import Teacher
+from dbot_ds.method.student import Student
+from dbot_ds.method.teacher import Teacher
 
 
 def _measure(arch, decoder, batch=2):

@@ -10,15 +10,14 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_DECODER, no_eager_fallback, tiny_config
-from imagegen import solid_index
-from test_shard_loader import read_epoch, stream, write_shards
+from helpers import TINY_DECODER, no_eager_fallback, read_epoch, solid_index, stream, tiny_config, write_shards
 from torch.utils.data import DataLoader
 
-from dbot_ds.bench import device_peak
+from dbot_ds.commands.bench import device_peak
 from dbot_ds.cli import main
 from dbot_ds.models import vit_arch
-from dbot_ds.teacher import Teacher, random_encoder
+from dbot_ds.method.teacher import Teacher, random_encoder
+from dbot_ds.runtime.accel import graph_teacher
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU: DBOT_TEST_GPU=1 pytest tests/test_gpu.py")
@@ -35,7 +34,7 @@ def test_a_cuda_graph_teacher_gives_the_eager_targets_and_copies_them_out():
     teacher = tiny_teacher(dtype=torch.bfloat16)
     imgs = [torch.randn(8, 3, 32, 32, device=CUDA) for _ in range(3)]
     eager = [teacher.targets(x) for x in imgs]
-    assert teacher.use_cuda_graphs()
+    assert graph_teacher(teacher)
     graphed = [teacher.targets(x) for x in imgs]  # captured at the first call, replayed after
     for g, e in zip(graphed, eager):  # compared after all replays: earlier targets not overwritten
         torch.testing.assert_close(g, e, **BF16)
@@ -47,12 +46,12 @@ def test_a_cuda_graph_teacher_gives_the_eager_targets_and_copies_them_out():
 
 
 def test_a_cuda_graph_ema_teacher_sees_its_weights_change_in_place():
-    teacher = tiny_teacher(dtype=torch.float32, autocast=torch.bfloat16)  # as stages.ema_teacher
+    teacher = tiny_teacher(dtype=torch.float32, autocast=torch.bfloat16)  # as the EMA policy makes it
     x = torch.randn(8, 3, 32, 32, device=CUDA)
-    assert teacher.use_cuda_graphs()
+    assert graph_teacher(teacher)
     before = teacher.targets(x)
     with torch.no_grad():
-        for p in teacher.encoder.parameters():  # what engine.ema_update does: in-place arithmetic
+        for p in teacher.encoder.parameters():  # what EmaPolicy.after_step does: in-place arithmetic
             p.mul_(0.5).add_(torch.randn_like(p), alpha=0.5)
     after = teacher.targets(x)
     teacher.graphed = None  # eager from here
@@ -118,7 +117,7 @@ def test_the_prefetcher_decodes_jpeg_batches_on_its_stream_to_the_cpu_paths_crop
 
 @pytest.mark.parametrize("fast", [[], ["cuda_graph_teacher=true", "compile=inductor"]], ids=["eager", "graph+inductor"])
 def test_a_bf16_two_stage_run_on_the_gpu(process_group, tmp_path, fast):
-    from dbot_ds.train import pretrain
+    from dbot_ds.commands.pretrain import pretrain
     with no_eager_fallback():
         exports = pretrain(tiny_config("deepspeed=bench_zero1_bf16", *fast), tmp_path)
     assert len(exports) == 2

@@ -1,6 +1,6 @@
 import torch
 
-from dbot_ds.losses import masked_distill_loss, normalize_tokens
+from dbot_ds.method.losses import masked_distill_loss, normalize_tokens
 
 
 def _case():

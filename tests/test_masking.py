@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from dbot_ds.masking import num_visible, random_masking
+from dbot_ds.method.masking import random_masking
+from dbot_ds.models.sizes import num_visible
 
 
 def test_keeps_a_quarter_of_the_patches_and_marks_the_rest_masked():

@@ -1,11 +1,11 @@
 import timm
 import torch
 
-from dbot_ds.masking import random_masking
+from dbot_ds.method.masking import random_masking
 from dbot_ds.models import DecoderArch, ViT, vit_arch
 from dbot_ds.models.pos_embed import sincos_2d
-from dbot_ds.student import Student
-from dbot_ds.teacher import random_encoder, random_teacher_arch
+from dbot_ds.method.student import Student
+from dbot_ds.method.teacher import random_encoder, random_teacher_arch
 
 
 def _timm_vit(arch):
@@ -104,7 +104,7 @@ def test_beit_style_student_is_initialised_as_the_authors_beit_code():
 def test_beit_style_encoder_loads_strictly_into_timm_beit_and_gives_the_same_features():
     from timm.models.beit import Beit
 
-    from dbot_ds.export_cmd import timm_kwargs
+    from dbot_ds.method.classifier import timm_kwargs
     arch = beit_arch()
     ours = Student(arch, None, 8).encoder.eval()
     with torch.no_grad():  # non-trivial layer scales and relative biases
@@ -121,7 +121,7 @@ def test_beit_style_encoder_loads_strictly_into_timm_beit_and_gives_the_same_fea
 def test_weight_decay_follows_the_authors_groups():
     """main branch (timm add_weight_decay): every >1-D tensor decays, the cls and mask tokens too;
     beit branch: the cls token is skipped, the mask token and relative bias table decay."""
-    from dbot_ds.engine import param_groups
+    from dbot_ds.runtime.engine import param_groups
 
     def decayed(model):
         groups = param_groups(model, 0.05)

@@ -6,10 +6,10 @@ import torch
 from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block
 
-from dbot_ds.masking import random_masking
+from dbot_ds.method.masking import random_masking
 from dbot_ds.models import DecoderArch, vit_arch
-from dbot_ds.student import Student
-from dbot_ds.teacher import Teacher
+from dbot_ds.method.student import Student
+from dbot_ds.method.teacher import Teacher
 
 BF16 = torch.bfloat16
 
@@ -36,7 +36,7 @@ def test_student_blocks_run_in_bf16_under_autocast(variant):
 
 def test_the_ema_teachers_fp32_weights_compute_in_bf16():
     student = Student(vit_arch("tiny_test", img_size=32), None, 32)
-    teacher = Teacher(student.encoder, "ema", dtype=torch.float32, autocast=BF16)  # as stages.ema_teacher
+    teacher = Teacher(student.encoder, "ema", dtype=torch.float32, autocast=BF16)  # as the EMA policy builds it
     seen = block_dtypes(teacher)
     teacher.targets(torch.randn(2, 3, 32, 32))
     assert len(seen) == 2 and all(d == (BF16, BF16) for d in seen), seen
@@ -46,13 +46,13 @@ def test_the_ema_teachers_fp32_weights_compute_in_bf16():
 def test_the_plain_baseline_makes_the_deepspeed_engines_update(process_group, ds_json, dtype):
     """bf16 weights with fp32 masters and fp32 gradient accumulation, as DeepSpeed's BF16_Optimizer:
     two optimizer steps of 2 micro-batches each land on the same weights, bit for bit."""
-    from conftest import tiny_config
+    from helpers import tiny_config
 
-    from dbot_ds import engine
-    from dbot_ds.bench import PlainEngine
-    from dbot_ds.ds_config import resolve_ds_config
-    from dbot_ds.stages import fresh_student
-    from dbot_ds.train import distill_loss
+    from dbot_ds.runtime import engine
+    from dbot_ds.commands.bench import PlainEngine
+    from dbot_ds.runtime.ds_config import resolve_ds_config
+    from dbot_ds.method.stages import fresh_student
+    from dbot_ds.method.tasks import distill_loss
     cfg = tiny_config(f"deepspeed={ds_json}")  # global 16 = 2 x micro 8: accumulation 2
     ds = resolve_ds_config(cfg, 1)
     teacher = Teacher(Student(cfg.model.encoder_arch(), None, 32).encoder, "t", dtype=dtype)

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from dbot_ds.cli import main
-from dbot_ds.probe import extract, knn_accuracy, linear_probe, load_encoder
+from dbot_ds.commands.probe import extract, knn_accuracy, linear_probe, load_encoder
 
 
 def clusters(n_per_class=30, classes=4, dim=16, spread=0.3):
@@ -49,9 +49,9 @@ def test_digits_become_labelled_train_and_val_shards(tmp_path):
 
 
 def test_probe_command_on_an_export_and_its_random_teacher(process_group, tmp_path, capsys):
-    from test_shard_loader import write_shards
+    from helpers import write_shards
 
-    from dbot_ds.train import pretrain
+    from dbot_ds.commands.pretrain import pretrain
     manifest = write_shards(tmp_path / "shards", [24, 24])
     pretrain(tiny_config("stages.epochs=[1]"), tmp_path / "run")
     export = tmp_path / "run" / "stage1"

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from conftest import TINY
+from helpers import TINY
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from dbot_ds.config import load_config
-from dbot_ds.recipes import NEEDS_TEACHER, PAPER_ROWS, RECIPES, recipe_dict
-from dbot_ds.train import pretrain
+from dbot_ds.config.recipes import NEEDS_TEACHER, PAPER_ROWS, RECIPES, recipe_dict
+from dbot_ds.commands.pretrain import pretrain
 
 # Tiny sizes and data, CPU DeepSpeed config; the recipe's method settings stay as they are.
 SWAP = [s for s in TINY if not s.startswith(("stages.", "optim.warmup"))] + ["stop_at_step=2", "data.source=synthetic"]
@@ -44,6 +44,6 @@ def test_recipe_runs_two_steps_at_tiny_size(name, teachers, tmp_path, process_gr
     cfg = load_config(name, None, sets)
     assert name in PAPER_ROWS
     pretrain(cfg, tmp_path)
-    from dbot_ds import checkpoint
+    from dbot_ds.runtime import checkpoint
     state = checkpoint.read_state(checkpoint.latest(tmp_path / "checkpoints"))
     assert state["global_step"] == 2 and state["config"]["recipe"] == name

@@ -8,12 +8,12 @@ import sys
 import time
 
 import pytest
-from conftest import subprocess_env, tiny_args, tiny_config
+from helpers import subprocess_env, tiny_args, tiny_config
 
-from dbot_ds import checkpoint
+from dbot_ds.runtime import checkpoint
 from dbot_ds.config import ConfigError
-from dbot_ds.export import ExportError, read_meta
-from dbot_ds.train import pretrain
+from dbot_ds.weights.export import ExportError, read_meta
+from dbot_ds.commands.pretrain import pretrain
 
 
 def _shas(run_dir):
@@ -113,9 +113,9 @@ def test_a_bf16_run_accumulates_gradients_in_fp32_and_resumes_exactly(process_gr
     gradient accumulation 2: stop mid-stage 1, resume, same exports as a straight run."""
     import torch
 
-    from dbot_ds import engine
-    from dbot_ds.ds_config import resolve_ds_config
-    from dbot_ds.stages import fresh_student
+    from dbot_ds.runtime import engine
+    from dbot_ds.runtime.ds_config import resolve_ds_config
+    from dbot_ds.method.stages import fresh_student
 
     cfg = tiny_config("deepspeed=vit_base")
     eng = engine.build_engine(fresh_student(cfg, 1, 32), cfg, resolve_ds_config(cfg, 1), torch.device("cpu"))

@@ -1,50 +1,14 @@
 """The shard loader: exact epochs across ranks and workers, resume, bad data, foreign shards."""
 
-
 import pytest
 import torch
 import webdataset as wds
-from imagegen import solid_index, solid_jpeg
+from helpers import read_epoch, solid_index, solid_jpeg, stream, write_shards
 from torch.utils.data import DataLoader
 
-from data_tools.verify import index
 from dbot_ds.data.shard_loader import ShardStream
-from dbot_ds.data.shards import DeterministicTarWriter, Manifest, ShardError, ShardInfo, sample_members, write_manifest
-from dbot_ds.files import file_sha256
-
-
-def write_shards(root, sizes, corrupt=(), truncate=None, replace=None):
-    """Shards of the given sizes of solid-colour images (sample i's bytes from `replace[i]` when
-    given); returns the manifest path."""
-    root.mkdir(parents=True, exist_ok=True)
-    infos, index_ = [], 0
-    for s, n in enumerate(sizes):
-        name = f"train-{s:06d}.tar"
-        w = DeterministicTarWriter(root / name)
-        for _ in range(n):
-            data = b"\xff\xd8 not a jpeg" if index_ in corrupt else (replace or {}).get(index_) or solid_jpeg(index_)
-            for member, payload in sample_members(f"s{index_:05d}", data, index_ % 3, {"wnid": "x"}):
-                w.add(member, payload)
-            index_ += 1
-        w.close()
-        if truncate == s:
-            (root / name).write_bytes((root / name).read_bytes()[:3000])
-        infos.append(ShardInfo(name, n, (root / name).stat().st_size, file_sha256(root / name)))
-    write_manifest(Manifest(infos, ["a", "b", "c"]), root / "manifest.json")
-    return root / "manifest.json"
-
-
-def stream(manifest, rank=0, world=1, micro=4, accum=1, seed=0, **kw):
-    from dbot_ds.data.shards import read_manifest
-    return ShardStream(manifest=read_manifest(manifest) if manifest else None, rank=rank, world=world,
-                       micro=micro, accum=accum, seed=seed, crop=16, scale=(0.5, 1.0), hflip=True,
-                       shuffle_buffer=8, **kw)
-
-
-def read_epoch(ds, epoch, workers=2, step=0):
-    ds.set_position(epoch, step)
-    loader = DataLoader(ds, batch_size=ds.micro, num_workers=workers)
-    return [[solid_index(img) for img in batch] for batch in loader]
+from dbot_ds.data.shards import ShardError
+from dbot_ds.data.tools.verify import index
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The Slurm stage chain on a real (throwaway, local, 2-node) Slurm cluster, tiny models on CPU."""
 
+import json
 import os
 import re
 import subprocess
@@ -8,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PAPER_DATA, subprocess_env, tiny_args
+import torch
+from helpers import PAPER_DATA, subprocess_env, tiny_args, tiny_export, write_shards
 
-from dbot_ds import checkpoint
-from dbot_ds.export import read_meta
+from dbot_ds.runtime import checkpoint
+from dbot_ds.weights.export import read_meta
 
 ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
@@ -60,6 +62,16 @@ def log(out, stage=1):
     return (Path(out) / "logs" / f"stage{stage}.log").read_text()
 
 
+def wait_for_checkpoint(out, global_step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = checkpoint.latest(Path(out) / "checkpoints")
+        if found and checkpoint.read_state(found)["global_step"] >= global_step:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint at step {global_step} in {out} after {timeout}s")
+
+
 def test_a_two_stage_chain_completes_and_stage2_learns_from_stage1(slurm, tmp_path):
     out = tmp_path / "run"
     jobs = submit(slurm, out, *tiny_args())
@@ -88,18 +100,53 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_uninterrupted_weights(slur
     (straight,) = submit(slurm, tmp_path / "straight", *tiny_args(*longer))  # same launcher, same threads
     out = tmp_path / "run"
     (job,) = submit(slurm, out, *tiny_args(*longer))
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        found = checkpoint.latest(out / "checkpoints")
-        if found and checkpoint.read_state(found)["global_step"] >= 6:
-            break
-        time.sleep(0.1)
+    wait_for_checkpoint(out, 6)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     assert wait_done(slurm, [job, straight]) == ["COMPLETED", "COMPLETED"], log(out)[-3000:]
     text = log(out)
     assert "preempted: checkpoint saved at stage 1" in text and "requeueing job" in text
     assert "(restart 1)" in text  # SLURM_RESTART_COUNT=1 on the rerun
     assert read_meta(out / "stage1")["sha256"] == read_meta(tmp_path / "straight" / "stage1")["sha256"]
+
+
+@pytest.fixture(scope="module")
+def to_finetune(tmp_path_factory, process_group):
+    """A tiny stage export, labelled train shards (128 images: 16 steps an epoch at batch 8) and
+    validation shards."""
+    root = tmp_path_factory.mktemp("to-finetune")
+    return tiny_export(root), write_shards(root / "train", [64, 64]), write_shards(root / "val", [16])
+
+
+def submit_finetune(env, out, export, train, val, *sets):
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "finetune", str(export), "--train", str(train),
+           "--val", str(val), "--out", str(out), "--gpus-per-node", "0", "--time", "10",
+           *[a for s in ("deepspeed=cpu_demo", "batch.global_batch=8", "batch.micro_batch=4", "epochs=8",
+                         "optim.warmup_epochs=1", "data.num_workers=0", "checkpoint.every_steps=4", *sets)
+             for a in ("--set", s)]]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return re.findall(r"job (\d+)", r.stdout)
+
+
+def test_usr1_checkpoints_a_finetune_requeues_it_and_it_ends_with_the_uninterrupted_weights(
+        slurm, to_finetune, tmp_path):
+    from safetensors.torch import load_file
+
+    (straight,) = submit_finetune(slurm, tmp_path / "straight", *to_finetune)
+    out = tmp_path / "run"
+    (job,) = submit_finetune(slurm, out, *to_finetune)
+    wait_for_checkpoint(out, 8)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    text = lambda: (out / "logs" / "finetune.log").read_text()  # noqa: E731
+    assert wait_done(slurm, [job, straight]) == ["COMPLETED", "COMPLETED"], text()[-3000:]
+    assert "preempted: checkpoint saved at stage 1" in text() and "requeueing job" in text()
+    assert "(restart 1)" in text()
+    resumed, uninterrupted = (load_file(str(d / "model.safetensors")) for d in (out, tmp_path / "straight"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    evaluation = lambda d: {k: json.loads((d / "metrics.json").read_text())["best"][k]  # noqa: E731
+                            for k in ("step", "top1", "top5")}
+    assert evaluation(out) == evaluation(tmp_path / "straight")
 
 
 def test_a_two_node_job_runs_one_rank_per_node_with_real_deepspeed_steps(slurm, tmp_path):
@@ -123,8 +170,22 @@ def test_dry_run_prints_the_exact_chain_without_submitting(tmp_path):
     assert "--nodes=4" in lines[0] and "--partition=gpu" in lines[0] and "--account=proj" in lines[0]
     assert "--gpus-per-node=8" in lines[0] and "dependency" not in lines[0]
     assert "'--dependency=afterok:<stage1>' --kill-on-invalid-dep=yes" in lines[1]
-    assert lines[0].endswith(f"stage.sbatch 1 {out} --recipe=vit_base --set={PAPER_DATA}")
+    assert lines[0].endswith(f"train.sbatch {out} stage1/meta.json pretrain --stage 1 --out {out} "
+                             f"--recipe=vit_base --set={PAPER_DATA}")
     assert "'--dependency=afterok:<stage2>'" in lines[2] and lines[2].endswith("finetune.sbatch --x")
+    assert not out.exists()
+
+
+def test_finetune_dry_run_prints_one_requeueing_job_after_the_given_one(tmp_path):
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "dbot_ds.cli", "slurm", "finetune", str(tmp_path / "run" / "stage2"), "--train",
+           "t.json", "--val", "v.json", "--out", str(out), "--recipe", "vit_base", "--after", "123", "--dry-run"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.strip().splitlines()
+    assert "--dependency=afterok:123 --kill-on-invalid-dep=yes" in line and f"--output={out / 'logs' / 'finetune.log'}" in line
+    assert line.endswith(f"train.sbatch {out} metrics.json finetune {tmp_path / 'run' / 'stage2'} --out {out} "
+                         f"--train={ROOT / 't.json'} --val={ROOT / 'v.json'} --recipe=vit_base")
     assert not out.exists()
 
 

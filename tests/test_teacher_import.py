@@ -8,10 +8,10 @@ from safetensors.torch import save_file
 from timm.layers import QuickGELU
 from timm.models.vision_transformer import VisionTransformer
 
-from dbot_ds.export import ExportError
+from dbot_ds.weights.export import ExportError
 from dbot_ds.models import vit_arch
-from dbot_ds.teacher import Teacher
-from dbot_ds.teacher_import import import_teacher, resize_grid
+from dbot_ds.method.teacher import Teacher
+from dbot_ds.weights.layouts import import_teacher, resize_grid
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, num_classes=0)
 

@@ -3,8 +3,11 @@
 Each batch from the DataLoader becomes normalised images [B, 3, H, W] in the compute dtype on
 the device, one batch ahead, on a thread of its own (the decode and the resize release the
 interpreter) and, on CUDA, a stream of its own: uint8 crops are copied from pinned memory and
-normalised; JPEG batches (data.decode=device) are decoded, cropped, resized and normalised. The
-training stream waits for a batch's event before using it: no host synchronisation.
+normalised; JPEG batches (data.decode=device) are decoded, cropped, resized and normalised;
+(images, labels) of fine-tuning, normalised by their transform already, are copied. The training
+stream waits for a batch's event before using it: no host synchronisation. With ahead=0 batches
+are prepared in the caller's thread, when asked for (for transforms that draw from the global
+random generators in this process: another thread would race the training step's draws).
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ class DevicePrefetcher:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def prepare(self, batch) -> torch.Tensor:
+    def prepare(self, batch):
         if isinstance(batch, JpegBatch):
             return decode_batch(batch, self.size, self.device, self.dtype)
+        if isinstance(batch, (tuple, list)):
+            imgs, labels = batch
+            return (imgs.to(self.device, non_blocking=True).to(self.dtype),
+                    labels.to(self.device, non_blocking=True))
         return normalize_on_device(batch, self.device, self.dtype)
 
     def __iter__(self):
+        if self.ahead == 0:
+            yield from map(self.prepare, self.loader)
+            return
         ready: queue.Queue = queue.Queue(maxsize=self.ahead)
         stop = threading.Event()
         cuda = self.device.type == "cuda"
@@ -71,7 +81,8 @@ class DevicePrefetcher:
                 if cuda:
                     current = torch.cuda.current_stream(self.device)
                     current.wait_event(event)     # on the device: the host does not wait
-                    imgs.record_stream(current)   # made on the side stream, used on this one
+                    for t in imgs if isinstance(imgs, tuple) else (imgs,):
+                        t.record_stream(current)  # made on the side stream, used on this one
                 yield imgs
         finally:
             stop.set()

@@ -1,4 +1,4 @@
-"""The shard format, one definition for the writer (data_tools) and the reader (the loader).
+"""The shard format, one definition for the writer (data/tools) and the reader (the loader).
 
 A sample is three tar members sharing a key: `<key>.jpg` (JPEG bytes), `<key>.cls` (the integer
 label as text) and `<key>.json` (wnid, original file name, width, height): the layout of the

@@ -112,3 +112,21 @@ def normalize_on_device(imgs_u8: torch.Tensor, device: torch.device, dtype: torc
     mean, std = _mean_std(torch.device(device))
     x = imgs_u8.to(device, non_blocking=True).float()
     return x.sub_(mean).div_(std).to(dtype)
+
+
+class ClassifySample:
+    """Fine-tuning: (raw sample, rng) -> (float image [3, H, W] after timm's training transform:
+    RandomResizedCrop, flip, RandAugment, normalisation, random erasing; label)."""
+
+    def __init__(self, size: int, randaug: str, reprob: float, remode: str):
+        from timm.data import create_transform
+
+        self.transform = create_transform(size, is_training=True, auto_augment=randaug, re_prob=reprob,
+                                          re_mode=remode, interpolation="bicubic")
+
+    def __call__(self, sample: dict, rng: random.Random):
+        from dbot_ds.seeding import seed_everything
+
+        seed_everything(rng.getrandbits(62))  # timm's transforms draw from the global generators
+        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        return self.transform(img), int(sample["cls"])

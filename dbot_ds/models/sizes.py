@@ -1,4 +1,4 @@
-"""The only place ViT sizes live."""
+"""The only place ViT sizes live, and how many patches of one the encoder sees at a mask ratio."""
 
 from __future__ import annotations
 
@@ -75,3 +75,13 @@ def vit_arch(size: str, *, img_size: int = 224, patch_size: int | None = None, f
     width, depth, heads, default_patch = SIZES[size]
     return ViTArch(width=width, depth=depth, heads=heads, patch_size=patch_size or default_patch,
                    img_size=img_size, family=family, layer_scale=layer_scale)
+
+
+def num_visible(num_patches: int, ratio: float) -> int:
+    """Patches MAE's asymmetric encoder sees at a mask ratio (its rounding)."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    keep = int(num_patches * (1 - ratio))  # MAE's rounding
+    if keep < 1:
+        raise ValueError(f"mask ratio {ratio} leaves no visible patch out of {num_patches}")
+    return keep

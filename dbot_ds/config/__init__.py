@@ -1,0 +1,34 @@
+"""One config system for every command: typed sections (sections.py), the shared machinery
+(schema.py: coercion, `--set`, merging, renamed keys) and named recipes (recipes.py, data).
+
+A config is a recipe's dict, then a JSON file over it, then `--set key=value` overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dbot_ds.config.recipes import FINETUNE_RECIPES, RECIPES, recipe_dict
+from dbot_ds.config.schema import ConfigError, deep_merge, flatten, from_dict, layered, parse_set, rename_keys
+from dbot_ds.config.sections import (BenchConfig, FinetuneConfig, ProbeConfig, RunConfig, TrainingConfig,
+                                     paper_drop_path)
+
+
+def load_config(recipe: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] = ()) -> RunConfig:
+    """A pre-training run's config."""
+    return from_dict(RunConfig, layered(recipe_dict(recipe) if recipe else {}, config_file, overrides))
+
+
+def load_finetune(recipe: str | None = None, config_file: str | Path | None = None,
+                  overrides: list[str] = (), **fields) -> FinetuneConfig:
+    """A fine-tuning run's config; `fields` (init, data.train, ... as nested dicts) go under the
+    overrides; the first config's flat key names are still taken, with a deprecation warning."""
+    base = deep_merge(recipe_dict(recipe, FINETUNE_RECIPES, "fine-tuning recipe") if recipe else {}, fields)
+    data = rename_keys(layered(base, config_file, overrides), FinetuneConfig.RENAMED, "fine-tuning config")
+    return from_dict(FinetuneConfig, data)
+
+
+__all__ = ["BenchConfig", "ConfigError", "FINETUNE_RECIPES", "FinetuneConfig", "ProbeConfig", "RECIPES", "RunConfig",
+           "TrainingConfig", "deep_merge", "flatten", "from_dict", "load_config", "load_finetune", "paper_drop_path",
+           "parse_set", "recipe_dict"]

@@ -1,0 +1,125 @@
+"""Resume checkpoints through DeepSpeed (ZeRO-sharded), written so a crash never leaves the
+newest-checkpoint pointer on a partial one.
+
+Layout: <run>/checkpoints/<tag>/ holds DeepSpeed's files plus dbot_state.json (stage, step, the
+resolved config, what the task records) and whatever files the task keeps (an EMA teacher's
+weights).
+A save goes to <tag>.partial, is renamed to <tag> once every rank has written, and only then
+does the pointer file `latest_complete` move (atomic replace). Assumes a shared filesystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from typing import Callable
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+from dbot_ds.config import ConfigError, flatten
+from dbot_ds.files import atomic_write
+from dbot_ds.runtime.distributed import barrier
+
+STATE = "dbot_state.json"
+POINTER = "latest_complete"
+
+
+def checkpoint_tag(stage: int, step: int) -> str:
+    return f"stage{stage}-step{step:08d}"
+
+
+def stage_checkpoints(root: Path, stage: int) -> list[Path]:
+    """The complete checkpoints of one stage, oldest first (by tag: no state file read)."""
+    return [c for c in complete_checkpoints(root) if c.name.startswith(f"stage{stage}-")]
+
+
+def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
+         write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. state needs 'stage' and 'step'; write_extra(directory)
+    adds files of the caller's on rank 0 before the checkpoint counts as complete."""
+    tag = checkpoint_tag(state["stage"], state["step"])
+    partial, final = root / f"{tag}.partial", root / tag
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+    barrier()
+    if is_main:
+        if write_extra is not None:
+            write_extra(partial)
+        atomic_write(partial / STATE, json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
+        os.replace(partial, final)
+        atomic_write(root / POINTER, tag + "\n")
+        prune(root, keep)
+    barrier()
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and (p / STATE).is_file() and not p.name.endswith(".partial")]
+    states = {p: read_state(p) for p in done}
+    return sorted(done, key=lambda p: (states[p]["stage"], states[p]["step"]))
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint: the pointer's target, else the newest complete directory."""
+    pointer = root / POINTER
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / STATE).is_file():
+            return candidate
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def read_state(ckpt: Path) -> dict:
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete dbot-ds checkpoint (no {STATE}); "
+                                f"use a directory under <run>/checkpoints/ or --resume auto")
+    return json.loads(path.read_text())
+
+
+def check_same_config(ckpt: Path, config: dict, may_change: tuple[str, ...]) -> None:
+    """Refuse to resume from `ckpt` if its saved config differs from `config` in any key (dotted)
+    outside `may_change`; the error lists every changed key."""
+    saved, now = flatten(read_state(ckpt)["config"]), flatten(json.loads(json.dumps(config)))  # tuples as lists
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k not in may_change]
+    if diff:
+        raise ConfigError(f"cannot resume from {ckpt}: the run config changed since it was saved:\n  - "
+                          + "\n  - ".join(diff) + "\nresume with the same config, or start a new --out")
+
+
+def load(engine, ckpt: Path) -> dict:
+    """Weights and optimizer state into a freshly built engine; returns the dbot state."""
+    ckpt = Path(ckpt)
+    path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
+    return read_state(ckpt)
+
+
+def consolidated_student_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 student weights from a checkpoint on disk, without an engine (for `dbot-ds export`)."""
+    ckpt = Path(ckpt)
+    stage = read_state(ckpt)["zero_stage"]
+    if stage == 0:
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in states["module"].items()}
+    return {k: v.float() for k, v in
+            get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name).items()}
