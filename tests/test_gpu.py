@@ -13,7 +13,7 @@ import torch
 from helpers import TINY_DECODER, no_eager_fallback, read_epoch, solid_index, stream, tiny_config, write_shards
 from torch.utils.data import DataLoader
 
-from dbot_ds.commands.bench import device_peak
+from dbot_ds.runtime.measure import device_peak
 from dbot_ds.cli import main
 from dbot_ds.models import vit_arch
 from dbot_ds.method.teacher import Teacher, random_encoder

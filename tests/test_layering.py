@@ -68,6 +68,6 @@ def test_the_rules_catch_upward_imports():
     assert violations("method.tasks", {"runtime.engine", "config", "method.losses"}) == {"runtime.engine"}
     assert violations("data.loader", {"method.tasks", "weights.rundir"}) == {"method.tasks", "weights.rundir"}
     assert violations("models.vit", {"config"}) == {"config"}
-    assert violations("config.sections", {"models.sizes", "method.masking"}) == {"method.masking"}
+    assert violations("config.pretrain", {"models.sizes", "method.masking"}) == {"method.masking"}
     assert violations("runtime.trainer", {"commands.pretrain"}) == {"commands.pretrain"}
     assert violations("commands.pretrain", {"runtime.trainer", "data.loader", "seeding"}) == set()

@@ -49,7 +49,7 @@ def test_the_plain_baseline_makes_the_deepspeed_engines_update(process_group, ds
     from helpers import tiny_config
 
     from dbot_ds.runtime import engine
-    from dbot_ds.commands.bench import PlainEngine
+    from dbot_ds.runtime.plain_engine import PlainEngine
     from dbot_ds.runtime.ds_config import resolve_ds_config
     from dbot_ds.method.stages import fresh_student
     from dbot_ds.method.tasks import distill_loss

@@ -12,13 +12,10 @@ weights, fp32 masters, the same AdamW), interleaved in one run.
 from __future__ import annotations
 
 import contextlib
-import gc
 import itertools
 import json
-import resource
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,42 +31,12 @@ from dbot_ds.method.stages import fresh_student
 from dbot_ds.method.tasks import DistillTask
 from dbot_ds.method.teacher import TeacherWeights, random_encoder
 from dbot_ds.runtime import engine as ds_engine
-from dbot_ds.runtime.accel import adamw, apply_fast_paths, compile_student
+from dbot_ds.runtime.accel import apply_fast_paths, compile_student
 from dbot_ds.runtime.distributed import World
 from dbot_ds.runtime.ds_config import compute_dtype, resolve_ds_config, zero_stage
+from dbot_ds.runtime.measure import Timer, device_peak, host_syncs, peak_memory_gb, reset_peak_memory
+from dbot_ds.runtime.plain_engine import PlainEngine
 from dbot_ds.runtime.trainer import micro_step
-
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet peaks
-
-
-def device_peak(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-class Timer:
-    """Device events on GPUs, perf_counter on CPU; elapsed() synchronises once, at the end."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def start(self):
-        if self.cuda:
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t = time.perf_counter()
-
-    def elapsed(self) -> float:
-        if self.cuda:
-            self.b.record()
-            self.b.synchronize()
-            return self.a.elapsed_time(self.b) / 1000
-        return time.perf_counter() - self.t
 
 
 def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher_graph: bool,
@@ -79,54 +46,6 @@ def bench_config(size: str, micro: int, zero: int, compile_backend: str, teacher
                                     f"batch.micro_batch={micro}", f"batch.global_batch={micro * accum}",
                                     f"compile={compile_backend}", f"cuda_graph_teacher={str(teacher_graph).lower()}",
                                     f"deepspeed=bench_zero{zero}{'_bf16' if bf16 else ''}", *extra])
-
-
-class PlainEngine:
-    """The plain PyTorch counterpart of the DeepSpeed engine, for the same micro_step and
-    with the same kernels: under bf16 the module holds bf16 weights and the optimizer updates an
-    fp32 master copy, gradients accumulate in fp32 across micro-batches (as DeepSpeed's bf16
-    optimizers with grad_accum_dtype fp32), the same param groups and AdamW (fused on GPUs); fp32
-    runs keep fp32 weights. What it leaves out: ZeRO partitioning and communication (one
-    process), gradient clipping and the non-finite-gradient check."""
-
-    def __init__(self, student, cfg: RunConfig, device, dtype, accum: int = 1):
-        self.module, self.accum, self.micro = student.to(device), accum, 0
-        self.params = [p for p in student.parameters() if p.requires_grad]
-        for p in self.params:  # parameters in the compute dtype, buffers fp32: as DeepSpeed's engine
-            p.data = p.data.to(dtype)
-        self.mixed = dtype != torch.float32
-        groups = ds_engine.param_groups(student, cfg.optim.weight_decay)
-        if self.mixed:  # fp32 masters standing in for the bf16 weights in the optimizer's groups
-            master = {id(p): p.detach().float().clone() for p in self.params}
-            groups = [{**g, "params": [master[id(p)] for p in g["params"]]} for g in groups]
-            self.master = [master[id(p)] for p in self.params]
-            self.grads = [torch.zeros_like(m) for m in self.master]  # fp32 accumulation buffers
-            for m, g in zip(self.master, self.grads):
-                m.grad = g
-        self.opt = adamw(groups, cfg.peak_lr(), cfg.optim.betas, cfg.optim.eps, device)
-
-    def __call__(self, imgs, masks):
-        return self.module(imgs, masks)
-
-    def backward(self, loss):
-        (loss / self.accum).backward()  # DeepSpeed scales by the accumulation steps too
-
-    @torch.no_grad()
-    def step(self):
-        """Like DeepSpeed's engine.step: every call ends a micro-batch, every accum-th updates."""
-        self.micro += 1
-        if self.mixed:
-            torch._foreach_add_(self.grads, [p.grad for p in self.params])
-            for p in self.params:
-                p.grad = None
-        if self.micro % self.accum:
-            return
-        self.opt.step()
-        if self.mixed:
-            torch._foreach_copy_(self.params, self.master)  # rounded to bf16
-            torch._foreach_zero_(self.grads)
-        else:
-            self.opt.zero_grad(set_to_none=True)
 
 
 class Phases:
@@ -154,72 +73,6 @@ def phase_breakdown(task, engine, imgs, device, steps: int, accum: int) -> dict:
         micro_step(task, engine, imgs, phases)
     per_step = {k: [sum(v[i:i + accum]) for i in range(0, len(v), accum)] for k, v in phases.times.items()}
     return {k: statistics.median(v) for k, v in per_step.items()}
-
-
-class SyncCounter:
-    """Counts explicit device synchronisations while active: torch.cuda.synchronize, CUDA
-    Stream/Event.synchronize and DeepSpeed's accelerator.synchronize (what its throughput timer
-    and ZeRO's gradient epilogue call; counted once where it goes through torch.cuda.synchronize).
-    Calls that reach CUDA directly are not seen (nvJPEG's cudaStreamSynchronize, NCCL)."""
-
-    def __init__(self):
-        self.count, self._inside = 0, False
-        self.targets = [(torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
-                        (torch.cuda.Event, "synchronize"), (ds_engine.accelerator(), "synchronize")]
-
-    def _wrap(self, fn):
-        def counted(*args, **kwargs):
-            outer = not self._inside
-            self.count += outer
-            self._inside = True
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._inside = not outer
-        return counted
-
-    def __enter__(self):
-        self.saved = [(obj, name, getattr(obj, name)) for obj, name in self.targets]
-        for obj, name, fn in self.saved:
-            setattr(obj, name, self._wrap(fn))
-        return self
-
-    def __exit__(self, *exc):
-        for obj, name, fn in self.saved:
-            setattr(obj, name, fn)
-
-
-def host_syncs(step_fn, device) -> dict:
-    """Host synchronisations in one call of step_fn: `synchronize`, the explicit calls
-    SyncCounter sees (on any device: DeepSpeed's accelerator calls them on CPU too); `tensor_ops`,
-    the synchronising tensor operations torch's sync debug mode reports (.item(), blocking
-    copies, nonzero), CUDA only (None elsewhere)."""
-    with warnings.catch_warnings(record=True) as caught, SyncCounter() as explicit:
-        warnings.simplefilter("always")
-        if device.type == "cuda":
-            torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step_fn()
-        finally:
-            if device.type == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
-    ops = sum("synchronizing CUDA operation" in str(w.message) for w in caught) if device.type == "cuda" else None
-    return {"synchronize": explicit.count, "tensor_ops": ops}
-
-
-def reset_peak_memory(device) -> None:
-    gc.collect()  # engines and graphed teachers hold reference cycles: free the last case's now
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gb(device) -> tuple[float, float | None]:
-    """(peak allocated, peak reserved by the caching allocator and CUDA-graph pools) in GiB; on
-    CPU the process's RSS high-water mark, and None."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
 
 
 def distill_setup(cfg: RunConfig, ds: dict, device):

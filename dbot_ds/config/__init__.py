@@ -1,5 +1,6 @@
-"""One config system for every command: typed sections (sections.py), the shared machinery
-(schema.py: coercion, `--set`, merging, renamed keys) and named recipes (recipes.py, data).
+"""One config system for every command: typed configs (training.py: what every training command
+shares; pretrain.py, finetune.py, tools.py: probe and bench), the shared machinery (schema.py:
+coercion, `--set`, merging, renamed keys) and named recipes (recipes.py, data).
 
 A config is a recipe's dict, then a JSON file over it, then `--set key=value` overrides.
 """
@@ -10,8 +11,10 @@ from pathlib import Path
 
 from dbot_ds.config.recipes import FINETUNE_RECIPES, RECIPES, recipe_dict
 from dbot_ds.config.schema import ConfigError, deep_merge, flatten, from_dict, layered, parse_set, rename_keys
-from dbot_ds.config.sections import (BenchConfig, FinetuneConfig, ProbeConfig, RunConfig, TrainingConfig,
-                                     paper_drop_path)
+from dbot_ds.config.finetune import FinetuneConfig
+from dbot_ds.config.pretrain import RunConfig
+from dbot_ds.config.tools import BenchConfig, ProbeConfig
+from dbot_ds.config.training import TrainingConfig, paper_drop_path
 
 
 def load_config(recipe: str | None = None, config_file: str | Path | None = None,
