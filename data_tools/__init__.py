@@ -1,1 +1,2 @@
-"""Shard conversion, verification and inspection (`dbot-ds shards ...`, or `python -m data_tools`)."""
+"""`python -m data_tools ...`, kept working: the shard tools now live in dbot_ds/data/tools
+(`dbot-ds shards ...` is the same command)."""

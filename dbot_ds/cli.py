@@ -1,6 +1,6 @@
 """`dbot-ds <command>`: pretrain, finetune, probe, analyze, export, slurm, shards, bench,
 bench-data, recipes (`dbot-ds <command> --help`). Bad input ends in one line on stderr and exit
-status 2, before any expensive work."""
+status 2, before any expensive work (errors.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import argparse
 import sys
 
 from dbot_ds.commands import register_all
-from dbot_ds.config import ConfigError
-from dbot_ds.data.shards import ShardError
-from dbot_ds.weights.export import ExportError
+from dbot_ds.errors import run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,11 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except (ConfigError, ExportError, ShardError, FileNotFoundError) as e:
-        print(f"dbot-ds: error: {e}", file=sys.stderr)
-        return 2
+    return run(args.func, args, "dbot-ds")
 
 
 if __name__ == "__main__":

@@ -32,3 +32,8 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def stays_inside(folder: str | Path, name: str) -> bool:
+    """A relative name that stays inside `folder`: no absolute path, no way out through .."""
+    return not Path(name).is_absolute() and (Path(folder) / name).resolve().is_relative_to(Path(folder).resolve())

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from helpers import PAPER_DATA
@@ -145,3 +146,28 @@ def test_every_shipped_deepspeed_config_turns_off_the_synchronising_timer_and_re
                             1e-3, (0.9, 0.95), lambda m: engine.param_groups(m, 0.05))
     assert eng.communication_data_type == torch.float32 and not eng.tput_timer.config.enabled
     eng.destroy()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=NaN", "optim.lr must be a finite number > 0"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0"),
+    ("optim.base_lr=0", "optim.base_lr must be a finite number > 0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must lie in"),
+    ("optim.weight_decay=Infinity", "weight_decay, grad_clip and warmup_epochs must be finite"),
+    ("batch.micro_batch=0", "batch.micro_batch and batch.global_batch must be >= 1"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("data.shuffle_buffer=0", "data.shuffle_buffer"),
+    ("data.num_workers=-1", "data.num_workers >= 0"),
+    ("divergence.policy=retry", "divergence.policy 'retry' is not one of 'stop', 'rollback'"),
+    ("data.verify=md5", "data.verify 'md5' is not one of 'size', 'sha256'"),
+])
+def test_values_that_would_crash_later_are_refused_up_front(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("vit_base", None, [override, PAPER_DATA])
+
+
+def test_a_config_file_that_is_not_a_json_object_is_refused(tmp_path):
+    f = tmp_path / "run.json"
+    f.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds a JSON list, not an object of sections"):
+        load_config(None, f, [])

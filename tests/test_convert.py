@@ -147,3 +147,41 @@ def test_synthetic_imagenet_like_shards_are_reproducible_whatever_the_worker_cou
     assert [s.sha256 for s in one.shards] == [s.sha256 for s in two.shards]
     sample = next(iter_shard_samples(str(tmp_path / "1" / one.shards[0].name)))
     assert Image.open(io.BytesIO(sample["jpg"])).size == (500, 375) and len(sample["jpg"]) > 30_000
+
+
+def test_a_tar_of_tars_with_a_class_twice_or_a_compressed_class_tar_is_refused_by_name(tree, tmp_path):
+    import io
+    import subprocess
+    import sys
+    import tarfile
+
+    from helpers import subprocess_env
+
+    root, _ = tree
+    tar = ilsvrc_tar_of_tars(root, tmp_path / "train.tar")
+    with tarfile.open(tar, "a") as outer:  # the first class again, under a directory
+        first = sorted(p for p in root.iterdir() if p.is_dir())[0].name
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w"):
+            pass
+        info = tarfile.TarInfo(f"again/{first}.tar")
+        info.size = len(inner.getvalue())
+        outer.addfile(info, io.BytesIO(inner.getvalue()))
+    with pytest.raises(sources.SourceError, match=f"two class tars for {first}: {first}.tar and again/{first}.tar"):
+        sources.ilsvrc_train_tar(tar)
+
+    gz = tmp_path / "gz.tar"
+    with tarfile.open(gz, "w") as outer:
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w:gz") as t:
+            data = jpeg(1)
+            member = tarfile.TarInfo("a.JPEG")
+            member.size = len(data)
+            t.addfile(member, io.BytesIO(data))
+        info = tarfile.TarInfo("n01440764.tar")
+        info.size = len(inner.getvalue())
+        outer.addfile(info, io.BytesIO(inner.getvalue()))
+    r = subprocess.run([sys.executable, "-m", "data_tools", "convert", "--ilsvrc-tar", str(gz), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("python -m data_tools: error: ") and "n01440764.tar is not an uncompressed tar" in r.stderr

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import subprocess_env, tiny_args
 
 from dbot_ds.runtime import checkpoint
@@ -15,8 +16,8 @@ from dbot_ds.weights.export import read_export
 HERE = Path(__file__).parent
 
 
-def torchrun(*args, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+def torchrun(*args, timeout=300, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
@@ -58,3 +59,36 @@ def test_deepspeed_launcher_runs_two_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("stage export:") == 2  # printed by rank 0 only, one line per stage
     assert checkpoint.read_state(checkpoint.latest(out / "checkpoints"))["world_size"] == 2
+
+
+def universal_tensors(ckpt) -> dict:
+    """Every parameter's fp32 weights, Adam moments and step, in the world-size-free format."""
+    out = {}
+    for f in sorted((checkpoint.universal(ckpt) / "zero").glob("*/*.pt")):
+        value = torch.load(f, weights_only=False)
+        out[f"{f.parent.name}/{f.stem}"] = value["param"] if isinstance(value, dict) else value
+    return out
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_a_checkpoint_resumes_on_another_number_of_ranks_with_its_weights_and_moments(
+        process_group, tmp_path, zero, saved_on, resumed_on):
+    out = tmp_path / "run"
+    args = pretrain_args(out, zero, "stop_at_step=6")  # mid-stage 1
+    r = torchrun("-m", "dbot_ds.cli", *args, nproc=saved_on)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = checkpoint.latest(out / "checkpoints")
+    assert checkpoint.read_state(saved)["world_size"] == saved_on
+    r = torchrun(str(HERE / "dist_resave.py"), str(out), str(tmp_path / "resaved"), nproc=resumed_on)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resaved = checkpoint.latest(tmp_path / "resaved")
+    assert checkpoint.read_state(resaved)["world_size"] == resumed_on
+    before, after = universal_tensors(saved), universal_tensors(resaved)
+    assert before.keys() == after.keys() and any(k.endswith("/exp_avg_sq") for k in before)
+    assert all(torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k])) for k in before), \
+        [k for k in before if not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k]))][:5]
+    # and the run itself goes on to the end on the new number of ranks
+    r = torchrun("-m", "dbot_ds.cli", *pretrain_args(out, zero), nproc=resumed_on)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_export(out / "stage2")[1]["stage"] == 2

@@ -8,12 +8,11 @@ import torch
 from helpers import tiny_config
 from safetensors.torch import load_file
 
-from dbot_ds.runtime import checkpoint
 from dbot_ds.cli import main
-from dbot_ds.weights.export import ExportError, read_export, read_meta, write_export
-from dbot_ds.method.student import Student
-from dbot_ds.weights.export import encoder_from_export
 from dbot_ds.commands.pretrain import pretrain
+from dbot_ds.method.student import Student
+from dbot_ds.runtime import checkpoint
+from dbot_ds.weights.export import ExportError, encoder_from_export, read_export, read_meta, write_export
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +54,35 @@ def test_timm_export_loads_strictly_and_gives_the_same_features(run_dir, tmp_pat
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
+
+
+def test_a_resume_checkpoint_exports_to_timm_through_an_export_of_its_own(run_dir, tmp_path):
+    last = checkpoint.latest(run_dir / "checkpoints")
+    assert main(["export", str(last), "--out", str(tmp_path), "--format", "timm"]) == 0
+    assert read_meta(tmp_path / "dbot_export")["sha256"] == read_meta(run_dir / "stage2")["sha256"]
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["pos_embed"],
+                       read_export(run_dir / "stage2")[0]["encoder.pos_embed"])
+
+
+def test_an_export_naming_weights_outside_its_folder_is_refused(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir / "stage1", tmp_path / "x")
+    meta = json.loads((tmp_path / "x" / "meta.json").read_text())
+    (tmp_path / "x" / "meta.json").write_text(json.dumps({**meta, "weights": "../../stage1/model.safetensors"}))
+    with pytest.raises(ExportError, match="names weights '../../stage1/model.safetensors' outside the export's folder"):
+        read_export(tmp_path / "x")
+
+
+def test_an_export_whose_architecture_does_not_fit_its_weights_names_the_key(run_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(run_dir / "stage1", tmp_path / "x")
+    meta = json.loads((tmp_path / "x" / "meta.json").read_text())
+    meta["encoder"]["mlp_ratio"] = 2.0
+    (tmp_path / "x" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"wrong shape .*blocks.0.mlp.fc1.weight \(128, 32\) \(the architecture has \(64, 32\)\)"):
+        encoder_from_export(tmp_path / "x")
 
 
 def test_an_existing_export_is_never_overwritten_by_other_weights(run_dir):

@@ -173,3 +173,20 @@ def test_supervised_training_from_the_random_teacher_leaves_a_classifier_usable_
     assert torch.equal(encoder.blocks[0].attn.qkv.weight, weights["blocks.0.attn.qkv.weight"])
     assert torch.equal(encoder.norm.weight, weights["fc_norm.weight"])  # the pooled features' norm
     assert not torch.equal(encoder.blocks[0].attn.qkv.weight, load_encoder(f"teacher:{export}").blocks[0].attn.qkv.weight)
+
+
+def test_mixing_turned_off_with_the_first_releases_keys_trains_on_hard_labels(export_and_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    export, manifest = export_and_shards
+    args = ["finetune", str(export), "--train", str(manifest), "--val", str(manifest), "--out", str(tmp_path),
+            *[a for s in (*TINY_FINETUNE, "epochs=1", "optim.warmup_epochs=0", "mixup=0", "cutmix=0")
+              for a in ("--set", s)]]
+    r = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-m", "dbot_ds.cli", *args],
+                       capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'mixup' is now 'augment.mixup'" in r.stderr and "best top-1" in r.stdout
+    assert json.loads((tmp_path / "config.json").read_text())["augment"]["mixup"] == 0

@@ -6,6 +6,7 @@ import webdataset as wds
 from helpers import read_epoch, solid_index, solid_jpeg, stream, write_shards
 from torch.utils.data import DataLoader
 
+from dbot_ds.data.epoch_plan import Layout
 from dbot_ds.data.shard_loader import ShardStream
 from dbot_ds.data.shards import ShardError
 from dbot_ds.data.tools.verify import index
@@ -163,3 +164,83 @@ def test_the_device_decode_path_counts_a_cmyk_jpeg_as_a_bad_sample(tmp_path, cap
     assert [len(b) for b in batches] == [4, 4, 4, 4]
     bad = [r.getMessage() for r in caplog.records if "bad sample" in r.getMessage()]
     assert len(bad) == 1 and "s00005" in bad[0] and "YCCK JPEG: the device decoder reads YCbCr and gray only" in bad[0]
+
+
+def read_from(ds, epoch, step, earlier=(), workers=2):
+    ds.set_position(epoch, step, earlier)
+    return [solid_index(img) for batch in DataLoader(ds, batch_size=ds.micro, num_workers=workers) for img in batch]
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 2)), ((1, 2), (2, 3)), ((2, 1), (3, 2))],
+                         ids=["2ranks-to-1", "1rank-to-2-more-workers", "2ranks-to-3"])
+def test_resumed_in_another_layout_an_epoch_reads_exactly_its_unseen_samples(tmp_path, before, after):
+    """Steps 0-1 of epoch 1 read by one layout (ranks, workers), the rest by another: every
+    sample of the epoch read once (global batch 12, 6 steps an epoch of 72)."""
+    manifest = write_shards(tmp_path, [13, 7, 20, 11, 21])  # 72 samples
+    (w0, k0), (w1, k1) = before, after
+    seen = [i for r in range(w0) for i in read_from(stream(manifest, rank=r, world=w0, micro=2, accum=6 // w0),
+                                                   1, 0, workers=k0)[: 2 * 12 // w0]]
+    rest = [i for r in range(w1) for i in read_from(stream(manifest, rank=r, world=w1, micro=2, accum=6 // w1),
+                                                   1, 2, (Layout(w0, k0, 2),), workers=k1)]
+    assert len(seen) == 24 and len(rest) == 48
+    assert sorted(seen + rest) == list(range(72))
+
+
+def test_a_shard_whose_size_differs_from_the_manifest_is_a_bad_shard(tmp_path, caplog):
+    manifest = write_shards(tmp_path, [10, 10, 12])
+    shard = tmp_path / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])  # truncated after the manifest was written
+    batches = read_epoch(stream(manifest, micro=4, max_bad_fraction=0.5), epoch=0, workers=0)
+    assert not {i for b in batches for i in b} & set(range(10, 20))  # none of it read
+    assert "train-000001.tar: 39936 bytes, the manifest says 40960 (truncated or replaced?)" in caplog.text
+
+
+def test_with_verify_sha256_a_shard_changed_in_place_is_a_bad_shard(tmp_path, caplog):
+    manifest = write_shards(tmp_path, [10, 10, 12])
+    shard = tmp_path / "train-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[-2000] ^= 0xFF  # inside the last sample's bytes (padding is zeros): same size
+    shard.write_bytes(bytes(data))
+    plain = read_epoch(stream(manifest, micro=4, max_bad_fraction=0.5), epoch=0, workers=0)
+    assert "sha256" not in caplog.text and len(plain) == 8  # a stat sees nothing
+    read_epoch(stream(manifest, micro=4, max_bad_fraction=0.5, verify="sha256"), epoch=0, workers=0)
+    assert "train-000002.tar: sha256 differs from the manifest's" in caplog.text
+
+
+def test_a_manifest_naming_shards_outside_its_folder_is_refused(tmp_path):
+    import json
+
+    from dbot_ds.data.shards import read_manifest
+
+    manifest = write_shards(tmp_path / "set", [4])
+    data = json.loads(manifest.read_text())
+    data["shards"][0]["name"] = "../elsewhere/train-000000.tar"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"names shards outside its own folder \(../elsewhere/train-000000.tar\)"):
+        read_manifest(manifest)
+    data["shards"][0]["name"] = "/abs/train-000000.tar"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ShardError, match="outside its own folder"):
+        read_manifest(manifest)
+
+
+def test_a_truncated_shard_in_a_loader_worker_reaches_the_user_as_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env, tiny_args
+
+    manifest = write_shards(tmp_path / "s", [40, 40], truncate=1)
+    r = subprocess.run([sys.executable, "-m", "dbot_ds.cli", "pretrain", "--out", str(tmp_path / "run"),
+                        *tiny_args("data.source=shards", f"data.shards={manifest}", "data.num_workers=2",
+                                   "stages.epochs=[1]")], capture_output=True, text=True, env=subprocess_env())
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("dbot-ds: error: rank 0 worker ") and "bad samples exceed data.max_bad_fraction" in last
+    assert "Traceback" not in r.stderr
+
+
+def test_index_refuses_to_write_a_manifest_that_would_point_outside_its_folder(tmp_path):
+    write_shards(tmp_path / "shards", [4])
+    with pytest.raises(ShardError, match="lie outside .*write it with --out in a folder above every shard"):
+        index([str(tmp_path / "shards" / "train-000000.tar")], tmp_path / "elsewhere" / "manifest.json")

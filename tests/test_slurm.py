@@ -194,3 +194,21 @@ def test_a_bad_config_is_refused_before_anything_is_submitted(tmp_path):
            str(tmp_path / "run"), "--set", "mask.ratio=2", "--dry-run"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
     assert r.returncode == 2 and "mask ratio must be in (0, 1)" in r.stderr
+
+
+def test_a_lock_of_a_slurm_job_that_no_longer_runs_is_taken_over(slurm, tmp_path, monkeypatch):
+    """A job killed on a node that is gone left its lock: Slurm says the job has ended."""
+    from dbot_ds.runtime import lock
+
+    r = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'true.log'}", "--wrap", "true"],
+                       env=slurm, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    assert wait_done(slurm, [job]) == ["COMPLETED"]
+    for key in ("SLURM_CONF", "PATH"):
+        monkeypatch.setenv(key, slurm[key])
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    path = tmp_path / ".lock"
+    path.write_text(json.dumps({"host": "node-that-died", "pid": 4242, "slurm_job": job, "since": "2026-01-01"}))
+    assert lock.acquire(path) == f"Slurm job {job} is no longer running"
+    assert json.loads(path.read_text())["pid"] == os.getpid()

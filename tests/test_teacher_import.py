@@ -180,3 +180,28 @@ def test_a_width_without_a_standard_head_count_needs_it_stated(tmp_path):
     assert import_teacher(tmp_path / "odd.safetensors", heads=4)[0].arch.heads == 4
     save_file(model.state_dict(), str(tmp_path / "stated.safetensors"), metadata={"num_heads": "4"})
     same_features(model, tmp_path / "stated.safetensors")  # the count from the file's metadata
+
+
+def test_broken_or_odd_teacher_files_are_refused_with_the_reason(tmp_path):
+    """What a red team handed the importer: each a one-line ExportError, never a traceback."""
+    sd = timm_vit().state_dict()
+    cases = {}
+    cases["truncated.safetensors"] = lambda p: p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    cases["no_pos.safetensors"] = lambda p: save_file({k: v for k, v in sd.items() if k != "pos_embed"}, str(p))
+    cases["wrong_shape.safetensors"] = lambda p: save_file(
+        {**sd, "blocks.1.mlp.fc1.weight": torch.zeros(10, 192)}, str(p))
+    cases["a_list.pth"] = lambda p: torch.save([torch.zeros(3)], p)
+    messages = {"truncated.safetensors": "not a readable safetensors file",
+                "no_pos.safetensors": "lack pos_embed",
+                "wrong_shape.safetensors": r"wrong shape .*blocks.1.mlp.fc1.weight \(10, 192\)",
+                "a_list.pth": "holds a list, not a state dict"}
+    for name, write in cases.items():
+        write(tmp_path / name)
+        with pytest.raises(ExportError, match=messages[name]):
+            import_teacher(tmp_path / name)
+
+
+def test_a_head_count_that_does_not_divide_the_width_is_refused(tmp_path):
+    save_file(timm_vit().state_dict(), str(tmp_path / "t.safetensors"))
+    with pytest.raises(ExportError, match="describe no valid ViT: width 192 is not divisible by heads 5"):
+        import_teacher(tmp_path / "t.safetensors", heads=5)

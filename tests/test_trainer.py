@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from dbot_ds.commands.pretrain import pretraining
+from dbot_ds.commands.pretrain import pretrain, pretraining
 from dbot_ds.config import ConfigError, load_finetune
 from dbot_ds.data.loader import pretrain_loader
 from dbot_ds.method.policies import BreakpointPolicy, EmaPolicy, momentum_at
@@ -153,11 +153,11 @@ def test_a_breakpoint_teacher_refuses_a_checkpoint_trained_against_another(proce
         assert isinstance(job.policy, BreakpointPolicy)
         assert job.policy.state(task.teacher) == {"teacher": task.teacher.identity}
         with pytest.raises(ConfigError, match="was trained against teacher abc"):
-            job.policy.restore(task.teacher, {"teacher": "abc", "stage": 2}, tmp_path)
+            job.policy.restore(task.teacher, {"teacher": "abc", "stage": 2}, {})
         engine.destroy()
 
 
-def test_an_ema_teacher_is_saved_with_the_checkpoint_and_restored_from_it(process_group, tmp_path):
+def test_an_ema_teachers_weights_are_kept_with_the_checkpoint_and_restored_from_it(process_group, tmp_path):
     cfg = tiny_config("teacher.update=ema", "stages.epochs=[1]")
     with pretraining(cfg, RunDir(tmp_path / "run")) as job:
         task, engine = job.start(1)
@@ -166,10 +166,37 @@ def test_an_ema_teacher_is_saved_with_the_checkpoint_and_restored_from_it(proces
             for p in task.teacher.encoder.parameters():
                 p.add_(0.5)
         saved = {k: v.clone() for k, v in task.teacher.encoder.state_dict().items()}
-        job.policy.save(task.teacher, tmp_path)
+        kept = job.policy.tensors(task.teacher)  # what a checkpoint keeps beside DeepSpeed's files
         fresh, other = job.start(1)  # a new teacher: the student's copy again
         assert not torch.equal(fresh.teacher.encoder.blocks[0].attn.qkv.weight, saved["blocks.0.attn.qkv.weight"])
-        job.policy.restore(fresh.teacher, {"teacher": "ema"}, tmp_path)
+        job.policy.restore(fresh.teacher, {"teacher": "ema"}, kept)
         assert all(torch.equal(v, saved[k]) for k, v in fresh.teacher.encoder.state_dict().items())
         engine.destroy()
         other.destroy()
+
+
+def test_generated_data_resumed_on_another_number_of_ranks_reads_exactly_its_unseen_samples():
+    from dbot_ds.data.sampler import EpochSampler
+
+    def from_step(world, accum, step):
+        keys = []
+        for rank in range(world):
+            sampler = EpochSampler(96, rank=rank, world=world, micro=4, accum=accum, seed=0)
+            sampler.set_position(1, step)
+            keys += list(sampler)
+        return sorted(keys)
+
+    assert from_step(2, 1, 3) == from_step(1, 2, 3) == from_step(4, 1, 3)[:0] + from_step(2, 1, 3)
+    assert len(from_step(2, 1, 3)) == (96 // 8 - 3) * 8
+
+
+def test_a_resume_with_other_loader_workers_records_the_earlier_layout_of_the_epoch(process_group, tmp_path):
+    """Shards read by 2 workers for one step of epoch 1, then by 1: the checkpoints of the rest of
+    the epoch name the earlier layout (so no sample of it is read twice), the next epoch's none."""
+    shards = ("data.source=generated_shards", "stages.epochs=[2]", "checkpoint.every_steps=1")
+    pretrain(tiny_config(*shards, "data.num_workers=2", "stop_at_step=5"), tmp_path)
+    pretrain(tiny_config(*shards, "data.num_workers=0"), tmp_path)
+    states = {checkpoint.read_state(c)["step"]: checkpoint.read_state(c)
+              for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")}
+    assert states[7]["layouts"] == [[1, 2, 1]] and states[7]["num_workers"] == 1  # epoch 1: steps 4..7
+    assert states[8]["layouts"] == []

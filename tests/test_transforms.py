@@ -117,3 +117,51 @@ def test_jitter_changes_colours_but_not_the_crop_or_flip(textured):
         # same geometry: the jittered crop correlates with the plain one pixel by pixel
         corr = np.corrcoef(plain.float().mean(0).flatten(), jittered.float().mean(0).flatten())[0, 1]
         assert corr > 0.9
+
+
+def test_randaugment_at_its_top_magnitude_posterizes_to_black_instead_of_failing(textured):
+    """timm's PosterizeIncreasing keeps 0 bits at magnitude 10; Pillow 13 refuses 0 bits. The
+    authors' Pillow gave a black image, and so do we: a valid image is never made 'bad data'."""
+    from timm.data.auto_augment import AugmentOp
+
+    from dbot_ds.data.transforms import with_zero_bit_posterize
+
+    class Holder:  # what create_transform returns: a Compose with .transforms
+        def __init__(self, ops):
+            from timm.data.auto_augment import RandAugment
+            self.transforms = [RandAugment(ops, num_layers=1)]
+
+    img = Image.open(io.BytesIO(textured)).convert("RGB")
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    with pytest.raises(ValueError, match="bits"):
+        op(img)  # as timm builds it
+    with_zero_bit_posterize(Holder([op]))
+    assert np.asarray(op(img)).max() == 0
+    fewer = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)
+    with_zero_bit_posterize(Holder([fewer]))
+    assert len(np.unique(np.asarray(fewer(img)))) <= 4  # 2 bits kept: Pillow's own posterize
+
+
+def test_the_finetune_transform_never_turns_a_valid_image_into_a_bad_sample(textured):
+    from dbot_ds.data.transforms import ClassifySample
+
+    sample = ClassifySample(32, "rand-m10-mstd0-inc1", 0.25, "pixel")  # every op at magnitude 10
+    for i in range(60):
+        img, label = sample({"jpg": textured, "cls": b"3"}, random.Random(i))
+        assert img.shape == (3, 32, 32) and label == 3
+
+
+def test_only_unreadable_images_are_bad_data_and_a_transform_bug_surfaces(tmp_path):
+    from helpers import stream, write_shards
+
+    from dbot_ds.data.transforms import UnreadableImage, open_rgb
+
+    with pytest.raises(UnreadableImage, match="unreadable image"):
+        open_rgb(b"\xff\xd8 not a jpeg")
+    manifest = write_shards(tmp_path, [8])
+
+    def buggy(sample, rng):
+        raise ValueError("a bug in a transform")
+
+    with pytest.raises(ValueError, match="a bug in a transform"):
+        list(stream(manifest, micro=4, sample_fn=buggy))

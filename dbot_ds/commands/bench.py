@@ -31,7 +31,7 @@ from dbot_ds.method.stages import fresh_student
 from dbot_ds.method.tasks import DistillTask
 from dbot_ds.method.teacher import TeacherWeights, random_encoder
 from dbot_ds.runtime import engine as ds_engine
-from dbot_ds.runtime.accel import apply_fast_paths, compile_student
+from dbot_ds.runtime.accel import apply_fast_paths, try_compile
 from dbot_ds.runtime.distributed import World
 from dbot_ds.runtime.ds_config import compute_dtype, resolve_ds_config, zero_stage
 from dbot_ds.runtime.measure import Timer, device_peak, host_syncs, peak_memory_gb, reset_peak_memory
@@ -105,7 +105,8 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
 
     ds_step = optimizer_step(eng)
     t = time.perf_counter()
-    apply_fast_paths(cfg, task.teacher, eng.module, device, dtype)
+    teacher_input, student_inputs = task.examples(device, dtype)
+    apply_fast_paths(cfg.compile, cfg.cuda_graph_teacher, task.teacher, eng.module, teacher_input, student_inputs)
     ds_step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -123,7 +124,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
     if compare_plain:
         plain = PlainEngine(fresh_student(cfg, 1, task.teacher.target_width), cfg, device, dtype, accum)
         if cfg.compile:  # the same kernels in both loops
-            compile_student(cfg, plain.module, device, dtype)
+            try_compile(plain.module, cfg.compile, *student_inputs, grad=True)
         plain_step = optimizer_step(plain)
     ds_times, plain_times = [], []
     for _ in range(repeats):  # interleaved A B A B

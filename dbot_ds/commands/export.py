@@ -11,7 +11,7 @@ import torch
 from dbot_ds.config import ConfigError, RunConfig, from_dict
 from dbot_ds.method.student import Student
 from dbot_ds.runtime import checkpoint
-from dbot_ds.weights.export import stage_meta, write_export
+from dbot_ds.weights.export import META, stage_meta, write_export
 from dbot_ds.weights.timm import export_timm
 
 
@@ -40,7 +40,10 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 def main(args) -> int:
     if args.format == "timm":
         metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        path = export_timm(args.source, args.out, metrics if isinstance(metrics, dict) else {"results": metrics})
+        source = Path(args.source)
+        if not (source / META).is_file():  # a resume checkpoint: consolidated into an export first
+            source = export_checkpoint(source, Path(args.out) / "dbot_export")
+        path = export_timm(source, args.out, metrics if isinstance(metrics, dict) else {"results": metrics})
     else:
         path = export_checkpoint(args.source, args.out)
     print(f"wrote {path}")

@@ -63,21 +63,22 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
     num_classes = len(read_manifest(cfg.data.train).classes)
     read_manifest(cfg.data.val)
     size = encoder.arch.img_size
-    with start_session(cfg, run) as s:
+    ckpt = find_resume(run, resume, cfg)  # a changed config is refused before anything is written
+    with start_session(cfg, run, fresh=ckpt is None) as s:
         w = s.world
         loader = classify_loader(cfg, size=size, rank=w.rank, world=w.size, accum=s.accum, device=s.device,
-                                 dtype=s.dtype)
+                                 dtype=torch.float32)  # mixed in fp32, cast by the task
         plan = StagePlan((cfg.epochs,), loader.steps_per_epoch)
-        ckpt = find_resume(run, resume, cfg)
         if ckpt and checkpoint.read_state(ckpt)["step"] == plan.steps(1) and run.summary.is_file():
             return json.loads(run.summary.read_text())["best"]  # finished already: what it found then
         model = classifier(cfg, encoder, num_classes)
-        engine = ds_engine.build_engine(model, cfg, s.ds_config, s.device, groups=lambda m: layer_decay_groups(
-            m, cfg.optim.weight_decay, cfg.optim.layer_decay))
+        engine = ds_engine.build_engine(model, cfg, checkpoint.resume_ds_config(s.ds_config, ckpt, w.size), s.device,
+                                        groups=lambda m: layer_decay_groups(m, cfg.optim.weight_decay,
+                                                                            cfg.optim.layer_decay))
         val = lambda: labelled_batches(cfg.data.val, size=size, rank=w.rank, world=w.size,  # noqa: E731
                                        workers=min(cfg.data.num_workers, 2), device=s.device, dtype=s.dtype)
-        trainer = Trainer(ClassifyTask(cfg, num_classes, val, all_reduce_sum), engine, loader, cfg=cfg, run=run,
-                          session=s, plan=plan)
+        trainer = Trainer(ClassifyTask(cfg, num_classes, val, all_reduce_sum, s.dtype), engine, loader, cfg=cfg,
+                          run=run, session=s, plan=plan)
         outcome = trainer.fit(trainer.resume(ckpt) if ckpt else 0)
         if outcome.finished:
             weights = ds_engine.full_fp32_state(engine)  # collective under ZeRO-3

@@ -63,7 +63,7 @@ def generated_shards(cfg: RunConfig, run: RunDir, is_main: bool) -> str | None:
 def stage_student(cfg: RunConfig, run: RunDir, stage: int, target_width: int):
     student = fresh_student(cfg, stage, target_width)
     if stage > 1 and not cfg.teacher.reinit_student:  # ablation: the previous stage's student
-        keep_weights(student, read_export(run.export(stage - 1))[0])
+        keep_weights(student, read_export(run.export(stage - 1))[0], stage)
     return student
 
 
@@ -77,17 +77,19 @@ class Pretraining:
     plan: StagePlan
     policy: object
 
-    def start(self, stage: int) -> tuple[DistillTask, object]:
+    def start(self, stage: int, ckpt: Path | None = None) -> tuple[DistillTask, object]:
         """Stage `stage`'s task (its teacher from the policy) and a fresh engine around a fresh
-        student (new optimizer; the schedule restarts with the Trainer)."""
+        student (new optimizer; the schedule restarts with the Trainer), ready to load `ckpt`."""
         cfg, s = self.cfg, self.session
         teacher, student = self.policy.start(stage, lambda width: stage_student(cfg, self.run, stage, width))
         if not ds_engine.replicas_identical(student):
             raise RuntimeError(f"stage {stage}: the re-initialised student differs between ranks")
         teacher = teacher.to(s.device)
-        engine = ds_engine.build_engine(student, cfg, s.ds_config, s.device)
-        apply_fast_paths(cfg, teacher, engine.module, s.device, s.dtype)
-        return DistillTask(cfg, teacher, self.policy), engine
+        engine = ds_engine.build_engine(student, cfg, checkpoint.resume_ds_config(s.ds_config, ckpt, s.world.size),
+                                        s.device)
+        task = DistillTask(cfg, teacher, self.policy)
+        apply_fast_paths(cfg.compile, cfg.cuda_graph_teacher, teacher, engine.module, *task.examples(s.device, s.dtype))
+        return task, engine
 
     def trainer(self, task: DistillTask, engine, stage: int) -> Trainer:
         return Trainer(task, engine, self.loader, cfg=self.cfg, run=self.run, session=self.session,
@@ -96,7 +98,7 @@ class Pretraining:
     def stage(self, stage: int, ckpt: Path | None):
         """Stage `stage` from its start or from `ckpt`, and its export when it is done.
         -> (outcome, export or None)."""
-        task, engine = self.start(stage)
+        task, engine = self.start(stage, ckpt)
         trainer = self.trainer(task, engine, stage)
         outcome = trainer.fit(trainer.resume(ckpt) if ckpt else 0)
         export = self.export(engine, stage, task.teacher.identity) if outcome.finished else None
@@ -117,12 +119,13 @@ class Pretraining:
 
 
 @contextlib.contextmanager
-def pretraining(cfg: RunConfig, run: RunDir, teachers: dict[int, TeacherWeights] | None = None
-                ) -> Iterator[Pretraining]:
+def pretraining(cfg: RunConfig, run: RunDir, teachers: dict[int, TeacherWeights] | None = None,
+                fresh: bool = True) -> Iterator[Pretraining]:
     """The session, loader, stage plan and teacher policy of a run; `teachers` holds stage
-    teachers read and checked already (each is used once)."""
+    teachers read and checked already (each is used once); `fresh`: the run starts at stage 1
+    with no checkpoint."""
     teachers = {} if teachers is None else teachers
-    with start_session(cfg, run) as s:
+    with start_session(cfg, run, fresh) as s:
         loader = pretrain_loader(cfg, rank=s.world.rank, world=s.world.size, accum=s.accum, device=s.device,
                                  dtype=s.dtype, shards=generated_shards(cfg, run, s.world.is_main))
         policy = build_policy(cfg, lambda k: teachers.pop(k, None) or stage_teacher(cfg, run, k), s.dtype)
@@ -140,7 +143,7 @@ def pretrain(cfg: RunConfig, out: str | Path, resume: str = "auto", only_stage: 
     teachers: dict[int, TeacherWeights] = {}  # the first stage's, read and checked before anything starts
     if cfg.teacher.update == "breakpoint":  # (an EMA teacher comes from the student)
         teachers[first] = stage_teacher(cfg, run, first, verbose=world_from_env().is_main)
-    with pretraining(cfg, run, teachers) as job:
+    with pretraining(cfg, run, teachers, fresh=ckpt is None and first == 1) as job:
         exports = [] if only_stage else [run.export(k) for k in range(1, first)]
         for stage in range(first, (only_stage or job.plan.num_stages) + 1):
             outcome, export = job.stage(stage, ckpt if stage == first else None)

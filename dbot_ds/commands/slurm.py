@@ -65,7 +65,8 @@ def submit(args) -> int:
 
 def finetune(args) -> int:
     data = {k: str(Path(v).resolve()) for k, v in (("train", args.train), ("val", args.val)) if v}
-    init = args.init if args.init.startswith("teacher:") else str(Path(args.init).resolve())
+    prefix = "teacher:" if args.init.startswith("teacher:") else ""
+    init = prefix + str(Path(args.init.removeprefix(prefix)).resolve())
     cfg = load_finetune(args.recipe, args.config, args.set, init=init, data=data)  # checked before sbatch
     write_submitted(args, cfg.to_dict())
     run = RunDir(Path(args.out).resolve())

@@ -25,11 +25,13 @@ def load_config(recipe: str | None = None, config_file: str | Path | None = None
 
 def load_finetune(recipe: str | None = None, config_file: str | Path | None = None,
                   overrides: list[str] = (), **fields) -> FinetuneConfig:
-    """A fine-tuning run's config; `fields` (init, data.train, ... as nested dicts) go under the
-    overrides; the first config's flat key names are still taken, with a deprecation warning."""
-    base = deep_merge(recipe_dict(recipe, FINETUNE_RECIPES, "fine-tuning recipe") if recipe else {}, fields)
-    data = rename_keys(layered(base, config_file, overrides), FinetuneConfig.RENAMED, "fine-tuning config")
-    return from_dict(FinetuneConfig, data)
+    """A fine-tuning run's config: the preset, the JSON file, then `fields` (what the command line
+    names directly: init, data.train, ... as nested dicts), then the overrides; the first
+    release's flat key names are still taken, with a deprecation warning."""
+    what = "fine-tuning config"
+    data = layered(recipe_dict(recipe, FINETUNE_RECIPES, "fine-tuning recipe") if recipe else {}, config_file, [])
+    data = layered(deep_merge(rename_keys(data, FinetuneConfig.RENAMED, what), fields), None, overrides)
+    return from_dict(FinetuneConfig, rename_keys(data, FinetuneConfig.RENAMED, what))
 
 
 __all__ = ["BenchConfig", "ConfigError", "FINETUNE_RECIPES", "FinetuneConfig", "ProbeConfig", "RECIPES", "RunConfig",

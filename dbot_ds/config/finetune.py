@@ -17,6 +17,11 @@ class FinetuneOptimConfig(OptimConfig):
     warmup_epochs: float = 5
     min_lr: float = 1e-6
     layer_decay: float = 0.75
+    """Layer-wise lr decay: a block's lr is layer_decay ** (blocks above it) of the head's; 1: none."""
+
+    def check(self, check: Checks, prefix: str = "optim.") -> None:
+        super().check(check, prefix)
+        check(0 < self.layer_decay <= 1, f"{prefix}layer_decay must lie in (0, 1]")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -51,6 +56,8 @@ class LabelledDataConfig:
     val: str = ""
     """Labelled validation shards (manifest.json)."""
     num_workers: int = 8
+    verify: Literal["size", "sha256"] = "size"
+    """The train shards' check against the manifest (as pre-training's data.verify)."""
 
 
 @dataclasses.dataclass(kw_only=True)

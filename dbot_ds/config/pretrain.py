@@ -122,6 +122,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     max_bad_fraction: float = 0.01
     """Training stops when more than this fraction of a worker's samples is unreadable."""
+    verify: Literal["size", "sha256"] = "size"
+    """Shards are checked against the manifest as they are opened: size (a stat), or sha256 too
+    (hashed as they stream, no second read); a mismatch makes the shard's samples bad."""
     synthetic_images: int = 4096
     synthetic_size: int | None = None
     """Side of generated images before cropping; None: 5/4 of the model's img_size."""

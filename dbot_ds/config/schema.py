@@ -11,8 +11,10 @@ import typing
 import warnings
 from pathlib import Path
 
+from dbot_ds.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """Bad configuration, raised before any expensive work starts."""
 
 
@@ -111,9 +113,13 @@ def rename_keys(data: dict, renamed: dict[str, str], what: str) -> dict:
 
 def read_config_file(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object of sections "
+                          '(e.g. {"mask": {"ratio": 0.8}})')
+    return data
 
 
 def layered(base: dict, config_file: str | Path | None, overrides: list[str]) -> dict:

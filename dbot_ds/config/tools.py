@@ -62,4 +62,5 @@ class BenchConfig:
               "--micro, --accum, --steps and --repeats must be >= 1, --warmup >= 0")
         check(all(z in (0, 1, 2, 3) for z in self.zero), f"--zero takes ZeRO stages 0..3, got {self.zero}")
         check(self.data == "synthetic" or bool(self.shards), "--data shards needs --shards MANIFEST")
+        check(self.workers >= 0 and self.img_size >= 1, "--workers must be >= 0, --img-size >= 1")
         check.raise_any("bench config")

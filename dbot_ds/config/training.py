@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from dbot_ds.config.schema import ConfigError
 from dbot_ds.models.sizes import ViTArch
@@ -53,8 +53,6 @@ class OptimConfig:
     min_lr: float = 0.0
     grad_clip: float = 0.0
     """Max global grad norm; 0 = off."""
-    layer_decay: float = 1.0
-    """Layer-wise lr decay (fine-tuning); 1: none."""
 
     def peak_lr(self, global_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * global_batch / 256
@@ -65,9 +63,8 @@ class OptimConfig:
         check(self.lr is None or positive_number(self.lr), f"{prefix}lr must be a finite number > 0")
         check(all(0 <= b < 1 for b in self.betas), f"{prefix}betas must lie in [0, 1), got {self.betas}")
         check(math.isfinite(self.min_lr) and self.min_lr >= 0, f"{prefix}min_lr must be >= 0")
-        check(self.warmup_epochs >= 0, f"{prefix}warmup_epochs must be >= 0")
-        check(self.weight_decay >= 0 and self.grad_clip >= 0, f"{prefix}weight_decay and grad_clip must be >= 0")
-        check(0 < self.layer_decay <= 1, f"{prefix}layer_decay must lie in (0, 1]")
+        check(all(math.isfinite(v) and v >= 0 for v in (self.weight_decay, self.grad_clip, self.warmup_epochs)),
+              f"{prefix}weight_decay, grad_clip and warmup_epochs must be finite and >= 0")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -94,6 +91,22 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class DivergenceConfig:
+    """What a run does when it diverges: a non-finite loss in a log window, or more skipped
+    (non-finite-gradient) optimizer steps in one than allowed."""
+    policy: Literal["stop", "rollback"] = "stop"
+    """stop: exit non-zero naming the last good checkpoint, write no export; rollback: reload the
+    last good checkpoint and go on past the data that diverged, at most max_rollbacks times."""
+    max_skipped_steps: int = 0
+    """Skipped optimizer steps tolerated in one log window."""
+    max_rollbacks: int = 3
+
+    def check(self, check: Checks) -> None:
+        check(self.max_skipped_steps >= 0 and self.max_rollbacks >= 0,
+              "divergence.max_skipped_steps and divergence.max_rollbacks must be >= 0")
+
+
+@dataclasses.dataclass(kw_only=True)
 class TrainingConfig:
     """What every training command has: the loop's settings and its shared sections."""
     recipe: str = "custom"
@@ -106,10 +119,12 @@ class TrainingConfig:
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
 
     # Keys that may change between a checkpoint and its resume; any other difference is an error.
     MAY_CHANGE: ClassVar[tuple[str, ...]] = ("stop_at_step", "log_every", "checkpoint.every_steps",
-                                             "checkpoint.keep")
+                                             "checkpoint.keep", "divergence.policy", "divergence.max_skipped_steps",
+                                             "divergence.max_rollbacks")
 
     def __post_init__(self):
         check = Checks()
@@ -122,6 +137,7 @@ class TrainingConfig:
         self.optim.check(check)
         self.batch.check(check)
         self.checkpoint.check(check)
+        self.divergence.check(check)
 
     def peak_lr(self) -> float:
         return self.optim.peak_lr(self.batch.global_batch)

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import simplejpeg
 import torch
 
-from dbot_ds.data.transforms import normalize_on_device, rrc_box
+from dbot_ds.data.transforms import UnreadableImage, decoding, normalize_on_device, rrc_box
 
 GROUP = 32  # crops resized per batched product: padding to the group's largest crop stays small
 
@@ -48,10 +48,11 @@ class JpegBatch(NamedTuple):
 
 def jpeg_sample(data: bytes, scale: tuple[float, float], hflip: bool, rng: random.Random):
     """Worker side: header only, then the crop box and flip. Raises on a non-JPEG."""
-    height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    with decoding("JPEG header"):
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     if colorspace not in ("YCbCr", "Gray"):
-        raise ValueError(f"{colorspace} JPEG: the device decoder reads YCbCr and gray only; "
-                         "re-encode it with `dbot-ds shards convert`")
+        raise UnreadableImage(f"{colorspace} JPEG: the device decoder reads YCbCr and gray only; "
+                              "re-encode it with `dbot-ds shards convert`")
     box = rrc_box(height, width, scale, rng)
     flip = hflip and rng.random() < 0.5
     return data, box, flip

@@ -24,7 +24,9 @@ class EpochSampler(Sampler):
                              f"({micro * accum * world}); lower batch.global_batch or add data")
         self.epoch, self.start_micro = 0, 0
 
-    def set_position(self, epoch: int, step_in_epoch: int = 0) -> None:
+    def set_position(self, epoch: int, step_in_epoch: int = 0, earlier=()) -> None:
+        """`earlier` layouts need no account: a step's samples are the same however many ranks
+        read them (the order is laid out [step, accumulation, rank, micro])."""
         self.epoch, self.start_micro = epoch, step_in_epoch * self.accum
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:

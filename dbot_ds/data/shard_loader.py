@@ -17,21 +17,28 @@ round-robin order continues exactly where it stopped.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import multiprocessing
+import os
 import random
+from typing import Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dbot_ds.data.device_decode import jpeg_sample
+from dbot_ds.data.epoch_plan import EpochPlan, Layout, shuffled, slot_batches, slot_span
 from dbot_ds.data.shards import IMAGE_KEY, Manifest, ShardError
 from dbot_ds.data.tar_samples import iter_shard_samples
-from dbot_ds.data.transforms import decode_crop
+from dbot_ds.data.transforms import UnreadableImage, decode_crop
 from dbot_ds.seeding import derive_seed
 
 log = logging.getLogger("dbot_ds.data")
+MAX_LAYOUTS = 8  # layouts one epoch may be read in (each resume on another number of ranks or workers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +46,16 @@ class Piece:
     url: str
     start: int  # first sample of the shard to read
     stop: int   # one past the last
+    keep: frozenset[int] | None = None  # of those, only these (the rest of an epoch read in two layouts)
+
+    def wanted(self, i: int) -> bool:
+        return self.start <= i < self.stop and (self.keep is None or i in self.keep)
+
+    def left_from(self, i: int) -> int:
+        """Samples still to read from sample i on."""
+        if self.keep is None:
+            return self.stop - max(i, self.start)
+        return sum(1 for k in self.keep if k >= i)
 
 
 def cut(shards: list[tuple[str, int]], begin: int, end: int) -> list[Piece]:
@@ -52,9 +69,19 @@ def cut(shards: list[tuple[str, int]], begin: int, end: int) -> list[Piece]:
     return pieces
 
 
-def slot_batches(slot: int, workers: int, total_batches: int, start: int = 0) -> int:
-    """Micro-batches of round-robin slot `slot` among batch indices [start, total)."""
-    return len(range(slot, total_batches, workers)) - len(range(slot, start, workers))
+def pieces_of(shards: list[tuple[str, int]], positions: Sequence[int]) -> list[Piece]:
+    """The pieces holding `positions` (ascending) of the concatenation of `shards`."""
+    if isinstance(positions, range) and positions.step == 1:
+        return cut(shards, positions.start, positions.stop)
+    pieces, offset, i = [], 0, 0
+    for url, n in shards:
+        j = bisect.bisect_left(positions, offset + n, lo=i)
+        if j > i:
+            mine = [p - offset for p in positions[i:j]]
+            whole = mine[-1] - mine[0] + 1 == len(mine)
+            pieces.append(Piece(url, mine[0], mine[-1] + 1, None if whole else frozenset(mine)))
+        i, offset = j, offset + n
+    return pieces
 
 
 class ShardStream(IterableDataset):
@@ -62,11 +89,13 @@ class ShardStream(IterableDataset):
                  epoch_samples: int | None = None, rank: int, world: int, micro: int, accum: int,
                  seed: int, crop: int, scale: tuple[float, float], hflip: bool,
                  shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu",
-                 jitter: float = 0.0, sample_fn=None):
+                 jitter: float = 0.0, sample_fn=None, verify: str = "size"):
         if manifest is None and not epoch_samples:
             raise ShardError("shards without a manifest stream in resampled mode and need "
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
         self.manifest, self.urls = manifest, urls or (manifest.urls() if manifest else [])
+        self.infos = dict(zip(self.urls, manifest.shards)) if manifest else {}
+        self.verify = verify  # "size": a stat per shard opened; "sha256": also hashed as it streams
         self.exact = manifest is not None and not epoch_samples
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro, accum, seed
         self.crop, self.scale, self.hflip, self.jitter = crop, scale, hflip, jitter
@@ -79,47 +108,68 @@ class ShardStream(IterableDataset):
             raise ShardError(f"{total} samples per epoch are fewer than one global batch "
                              f"({micro * accum * world})")
         self.batches_per_epoch = self.steps_per_epoch * accum  # micro-batches per rank
-        self._epoch = multiprocessing.Value("q", 0)  # shared with persistent workers
+        self.plan = EpochPlan(self.steps_per_epoch, micro * accum * world, micro, seed, shuffle_buffer)
+        # the position, shared with persistent workers: epoch, micro-batches this layout has given,
+        # and the layouts that read the epoch's first steps (world, workers, steps each)
+        self._epoch = multiprocessing.Value("q", 0)
         self._start = multiprocessing.Value("q", 0)
+        self._earlier = multiprocessing.Array("q", 3 * MAX_LAYOUTS)
+        self._n_earlier = multiprocessing.Value("q", 0)
 
     # the same interface as EpochSampler
-    def set_position(self, epoch: int, step_in_epoch: int = 0) -> None:
-        self._epoch.value, self._start.value = epoch, step_in_epoch * self.accum
+    def set_position(self, epoch: int, step_in_epoch: int = 0, earlier: Sequence[Layout] = ()) -> None:
+        """Read epoch `epoch` from step `step_in_epoch` on; `earlier`: the layouts (other numbers
+        of ranks or workers) that read its first steps, whose samples are not read again."""
+        if len(earlier) > MAX_LAYOUTS:
+            raise ShardError(f"an epoch read by more than {MAX_LAYOUTS} layouts: finish it on one")
+        done = sum(layout.steps for layout in earlier)
+        self._epoch.value, self._start.value = epoch, (step_in_epoch - done) * self.accum
+        self._n_earlier.value = len(earlier)
+        for i, layout in enumerate(earlier):
+            self._earlier[3 * i: 3 * i + 3] = [layout.world, layout.workers, layout.steps]
+
+    def earlier(self) -> tuple[Layout, ...]:
+        return tuple(Layout(*self._earlier[3 * i: 3 * i + 3]) for i in range(self._n_earlier.value))
 
     def __len__(self) -> int:
-        return (self.batches_per_epoch - self._start.value) * self.micro
+        done = sum(layout.steps for layout in self.earlier())
+        return ((self.steps_per_epoch - done) * self.accum - self._start.value) * self.micro
 
     def epoch_shards(self, epoch: int) -> list[tuple[str, int]]:
         order = torch.randperm(len(self.manifest.shards),
                                generator=torch.Generator().manual_seed(derive_seed(self.seed, "shards", epoch)))
         return [(self.urls[i], self.manifest.shards[i].samples) for i in order.tolist()]
 
-    def slot_pieces(self, epoch: int, slot: int, workers: int) -> list[Piece]:
-        per_rank = self.batches_per_epoch * self.micro
-        rank_begin = self.rank * per_rank
-        before = sum(slot_batches(s, workers, self.batches_per_epoch) for s in range(slot)) * self.micro
-        mine = slot_batches(slot, workers, self.batches_per_epoch) * self.micro
-        return cut(self.epoch_shards(epoch), rank_begin + before, rank_begin + before + mine)
-
-    def raw_samples(self, epoch: int, slot: int, workers: int, quota: int, bad: "BadCounter"):
-        """Undecoded samples of this slot in file order; a broken tar counts its rest as bad."""
+    def raw_samples(self, epoch: int, slot: int, pieces: list[Piece], quota: int, bad: "BadCounter"):
+        """Undecoded samples of this slot in file order; a broken tar counts its rest as bad,
+        a shard whose size (or, with data.verify=sha256, hash) differs from the manifest all of
+        its piece."""
         if self.exact:
-            for piece in self.slot_pieces(epoch, slot, workers):
+            for piece in pieces:
+                info = self.infos[piece.url]
+                wrong = wrong_size(piece.url, info.bytes)
+                if wrong:
+                    bad.add(piece.left_from(0), wrong)
+                    continue
+                digest = hashlib.sha256() if self.verify == "sha256" else None
                 seen = 0
                 try:
-                    for sample in iter_shard_samples(piece.url):
-                        if seen >= piece.stop:
-                            break
-                        if seen >= piece.start:
-                            yield sample
-                        seen += 1
+                    with contextlib.closing(iter_shard_samples(piece.url, digest)) as samples:
+                        for sample in samples:
+                            if seen >= piece.stop:
+                                break
+                            if piece.wanted(seen):
+                                yield sample
+                            seen += 1
                 except Exception as e:
-                    bad.add(piece.stop - max(seen, piece.start),
+                    bad.add(piece.left_from(seen),
                             f"{piece.url}: unreadable after sample {seen} ({type(e).__name__}: {e})")
                     continue
                 if seen < piece.stop:  # a truncated tar can simply end early
-                    bad.add(piece.stop - max(seen, piece.start),
+                    bad.add(piece.left_from(seen),
                             f"{piece.url}: unreadable after sample {seen} (ends early: truncated?)")
+                elif digest is not None and digest.hexdigest() != info.sha256:
+                    bad.add(piece.left_from(0), f"{piece.url}: sha256 differs from the manifest's")
             return
         rng = random.Random(derive_seed(self.seed, "resample", epoch, self.rank, slot))
         produced = 0
@@ -138,13 +188,19 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, start = self._epoch.value, self._start.value
+        if self.exact:  # this rank's positions under this layout, after the earlier ones
+            share, batches = self.plan.share(epoch, self.earlier(), self.world, self.rank)
+        else:
+            share, batches = range(0), self.batches_per_epoch
         slot = (worker + start) % workers  # keeps the loader's round-robin order across a resume
         first = len(range(slot, start, workers))  # this slot's batches already consumed
-        remaining = slot_batches(slot, workers, self.batches_per_epoch, start)
+        remaining = slot_batches(slot, workers, batches, start)
         quota = (first + remaining) * self.micro
+        pieces = pieces_of(self.epoch_shards(epoch), slot_span(share, slot, workers, batches, self.micro)) \
+            if self.exact else []
         bad = BadCounter(quota, self.max_bad_fraction, f"rank {self.rank} worker {worker}")
-        rng = random.Random(derive_seed(self.seed, "buffer", epoch, self.rank, slot))
-        stream = shuffled(self.raw_samples(epoch, slot, workers, quota, bad), self.shuffle_buffer, rng)
+        stream = shuffled(self.raw_samples(epoch, slot, pieces, quota, bad), self.shuffle_buffer,
+                          self.plan.buffer_rng(epoch, self.rank, slot))
         yield from self.decoded(stream, skip=first * self.micro, count=remaining * self.micro,
                                 epoch=epoch, slot=slot, bad=bad)
 
@@ -160,10 +216,11 @@ class ShardStream(IterableDataset):
                 continue
             rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
             try:
+                if IMAGE_KEY not in sample:
+                    raise UnreadableImage(f"no {IMAGE_KEY}")
                 last = self.sample_fn(sample, rng) if self.sample_fn else self.prepare(sample[IMAGE_KEY], rng)
-            except Exception as e:
-                bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: "
-                        f"{'no ' + IMAGE_KEY if IMAGE_KEY not in sample else type(e).__name__ + ': ' + str(e)}")
+            except UnreadableImage as e:  # bad data; any other exception is a bug, and surfaces
+                bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
                 if last is None:
                     continue  # nothing to stand in yet: the next good sample fills the gap
             yield last
@@ -174,11 +231,21 @@ class ShardStream(IterableDataset):
             for _ in range(skip + count - max(index, skip)):
                 yield last
 
-
     def prepare(self, data: bytes, rng: random.Random):
         if self.decode == "device":
             return jpeg_sample(data, self.scale, self.hflip, rng)
         return decode_crop(data, self.crop, self.scale, self.hflip, rng, self.jitter)
+
+
+def wrong_size(url: str, expected: int) -> str | None:
+    """What is wrong with a local shard's size (one stat), or None; URLs are not checked."""
+    if "://" in url or url.startswith("pipe:"):
+        return None
+    try:
+        size = os.stat(url).st_size
+    except OSError as e:
+        return f"{url}: {e.strerror}"
+    return None if size == expected else f"{url}: {size} bytes, the manifest says {expected} (truncated or replaced?)"
 
 
 class BadCounter:
@@ -195,17 +262,3 @@ class BadCounter:
             raise ShardError(f"{self.where}: {self.count} bad samples exceed data.max_bad_fraction "
                              f"{self.max_fraction}; last: {what}. Check the shards with "
                              "`dbot-ds shards verify`, or raise data.max_bad_fraction")
-
-
-def shuffled(stream, size: int, rng: random.Random):
-    """A seeded shuffle buffer (deterministic given the stream and rng)."""
-    buffer = []
-    for item in stream:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = rng.randrange(size)
-        buffer[j], item = item, buffer[j]
-        yield item
-    rng.shuffle(buffer)
-    yield from buffer

@@ -14,13 +14,14 @@ import json
 import tarfile
 from pathlib import Path
 
-from dbot_ds.files import atomic_write
+from dbot_ds.errors import UserError
+from dbot_ds.files import atomic_write, stays_inside
 
 MANIFEST_FORMAT = "dbot-ds-shards/1"
 IMAGE_KEY, LABEL_KEY, META_KEY = "jpg", "cls", "json"
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A missing, corrupt or inconsistent shard set."""
 
 
@@ -60,8 +61,17 @@ def read_manifest(path: str | Path) -> Manifest:
     if data.get("format") != MANIFEST_FORMAT:
         raise ShardError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}; "
                          "make one with `dbot-ds shards index` or `dbot-ds shards convert`")
+    try:
+        shards, classes = [ShardInfo(**s) for s in data["shards"]], list(data["classes"])
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{path}: not a valid manifest ({type(e).__name__}: {e}); remake it with "
+                         "`dbot-ds shards index` or `dbot-ds shards convert`") from e
+    outside = [s.name for s in shards if not stays_inside(path.parent, s.name)]
+    if outside:
+        raise ShardError(f"{path} names shards outside its own folder ({', '.join(outside[:3])}): a manifest "
+                         "lists shards in its folder or below; move it there and re-index")
     extra = {k: v for k, v in data.items() if k not in ("format", "total", "classes", "shards")}
-    return Manifest([ShardInfo(**s) for s in data["shards"]], data["classes"], extra, path.parent)
+    return Manifest(shards, classes, extra, path.parent)
 
 
 def write_manifest(manifest: Manifest, path: str | Path) -> None:

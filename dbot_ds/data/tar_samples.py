@@ -8,13 +8,42 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 
-def iter_shard_samples(url: str) -> Iterator[dict]:
+class HashingReader:
+    """A file object that feeds every byte it reads to a hash."""
+
+    def __init__(self, stream, digest):
+        self.stream, self.digest = stream, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def iter_shard_samples(url: str, digest=None) -> Iterator[dict]:
     """Samples as dicts {'__key__', 'jpg', 'cls', 'json', ...} with raw bytes. A truncated or
-    corrupt tar raises at the point where it breaks (after yielding what came before)."""
+    corrupt tar raises at the point where it breaks (after yielding what came before). With a
+    `digest` (hashlib), every byte of the shard goes through it, also those after the last
+    sample read (when the caller stops early, at close): one read, hashed as it streams."""
     stream = wds.gopen(str(url))
+    if digest is not None:
+        stream = HashingReader(stream, digest)
     try:
         files = tar_file_iterator(stream)
         for sample in group_by_keys(({**f, "__url__": str(url)} for f in files)):
             yield sample
+        if digest is not None:
+            stream.drain()  # tar padding and end-of-archive blocks
+    except GeneratorExit:
+        if digest is not None:
+            stream.drain()
+        raise
     finally:
         stream.close()

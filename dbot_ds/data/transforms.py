@@ -3,6 +3,7 @@ recipe's colour jitter; the input normalisations, applied on the device."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import math
@@ -11,14 +12,40 @@ import random
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 import torchvision.transforms.functional as TF1  # PIL images and tensors alike
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from dbot_ds.input_norms import INPUT_NORMS, STUDENT_NORM
+from dbot_ds.seeding import seed_everything
 
 JITTER_OPS = (TF1.adjust_brightness, TF1.adjust_contrast, TF1.adjust_saturation)
+# What Pillow and simplejpeg raise for bytes that are not a readable image (truncated, foreign
+# formats, decompression bombs, broken headers).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class UnreadableImage(Exception):
+    """A sample that cannot be read or decoded: bad data (counted and replaced by the loader).
+    Anything else raised while preparing a sample is a bug and stops the run."""
+
+
+@contextlib.contextmanager
+def decoding(what: str = "image"):
+    """Decode errors inside become UnreadableImage."""
+    try:
+        yield
+    except DECODE_ERRORS as e:
+        raise UnreadableImage(f"unreadable {what} ({type(e).__name__}: {e})") from e
+
+
+def open_rgb(data: bytes) -> Image.Image:
+    """Any image file Pillow reads, decoded (not lazily) to RGB."""
+    with decoding():
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        return img.convert("RGB")
 
 
 def rrc_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,
@@ -79,14 +106,15 @@ def decode_crop(data: bytes, size: int, scale: tuple[float, float], hflip: bool,
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         img = None
     except ValueError:  # not a JPEG that simplejpeg reads (e.g. a PNG): Pillow decodes it
-        img = Image.open(io.BytesIO(data)).convert("RGB")
+        img = open_rgb(data)
         width, height = img.size
     top, left, h, w = rrc_box(height, width, scale, rng)
     if img is None:
         reduce = min(h, w) / size
         limit = {"min_height": math.ceil(height / reduce), "min_width": math.ceil(width / reduce)} \
             if reduce >= 2 else {}
-        img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **limit))
+        with decoding("JPEG"):
+            img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", **limit))
     flip = hflip and rng.random() < 0.5
     img = color_jitter(img, jitter, rng)
     sx, sy = img.width / width, img.height / height
@@ -114,6 +142,26 @@ def normalize_on_device(imgs_u8: torch.Tensor, device: torch.device, dtype: torc
     return x.sub_(mean).div_(std).to(dtype)
 
 
+def posterize(img: Image.Image, bits: int, **_) -> Image.Image:
+    """Keep `bits` of each channel; 0 keeps none (a black image), as Pillow did until 13 refused
+    it: what RandAugment's PosterizeIncreasing gave the authors at magnitude 10."""
+    if bits >= 8:
+        return img
+    return ImageOps.posterize(img, bits) if bits > 0 else Image.new(img.mode, img.size)
+
+
+def with_zero_bit_posterize(transform):
+    """timm's transform with every RandAugment posterize op taking 0 bits (see posterize)."""
+    from timm.data.auto_augment import RandAugment
+
+    for t in getattr(transform, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize
+    return transform
+
+
 class ClassifySample:
     """Fine-tuning: (raw sample, rng) -> (float image [3, H, W] after timm's training transform:
     RandomResizedCrop, flip, RandAugment, normalisation, random erasing; label)."""
@@ -121,12 +169,10 @@ class ClassifySample:
     def __init__(self, size: int, randaug: str, reprob: float, remode: str):
         from timm.data import create_transform
 
-        self.transform = create_transform(size, is_training=True, auto_augment=randaug, re_prob=reprob,
-                                          re_mode=remode, interpolation="bicubic")
+        self.transform = with_zero_bit_posterize(create_transform(
+            size, is_training=True, auto_augment=randaug, re_prob=reprob, re_mode=remode, interpolation="bicubic"))
 
     def __call__(self, sample: dict, rng: random.Random):
-        from dbot_ds.seeding import seed_everything
-
+        img = open_rgb(sample["jpg"])  # only this may fail as bad data
         seed_everything(rng.getrandbits(62))  # timm's transforms draw from the global generators
-        img = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
         return self.transform(img), int(sample["cls"])

@@ -1,6 +1,6 @@
 """How the teacher evolves, behind one interface: which teacher (and so which student head) a
 stage starts with, what happens to it after each optimizer step, what a checkpoint keeps of it
-and checks on resume.
+(a JSON state, tensors) and checks on resume.
 
 - BreakpointPolicy (the paper's dBOT, momentum 0 at each breakpoint, 1 otherwise): stage k's
   teacher is stage k-1's export; stage 1's a random or pretrained one. Nothing moves in a stage;
@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Callable, ContextManager, Iterable
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from dbot_ds.config import ConfigError, RunConfig
 from dbot_ds.input_norms import STUDENT_NORM
 from dbot_ds.method.student import Student
 from dbot_ds.method.teacher import Teacher, TeacherWeights, build_teacher
 
-TEACHER_FILE = "teacher.safetensors"
 # (parameters) -> a context in which they are whole on this rank (ZeRO-3 gathers them)
 Gather = Callable[[Iterable[torch.nn.Parameter]], ContextManager]
 
@@ -55,13 +51,13 @@ class BreakpointPolicy:
     def state(self, teacher: Teacher) -> dict:
         return {"teacher": teacher.identity}
 
-    def save(self, teacher: Teacher, directory: Path) -> None:
-        pass  # the teacher is an export already, named by its sha256
+    def tensors(self, teacher: Teacher) -> dict[str, torch.Tensor]:
+        return {}  # the teacher is an export already, named by its sha256
 
-    def restore(self, teacher: Teacher, state: dict, directory: Path) -> None:
+    def restore(self, teacher: Teacher, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         if state.get("teacher") != teacher.identity:
             raise ConfigError(
-                f"{directory} was trained against teacher {state.get('teacher')}, but stage "
+                f"the checkpoint was trained against teacher {state.get('teacher')}, but stage "
                 f"{state.get('stage')}'s teacher is now {teacher.identity}: the stage {state.get('stage', 1) - 1} "
                 "export changed since; restore it, or start a new run")
 
@@ -92,12 +88,12 @@ class EmaPolicy:
     def state(self, teacher: Teacher) -> dict:
         return {"teacher": "ema"}
 
-    def save(self, teacher: Teacher, directory: Path) -> None:
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in teacher.encoder.state_dict().items()},
-                  str(Path(directory) / TEACHER_FILE))
+    def tensors(self, teacher: Teacher) -> dict[str, torch.Tensor]:
+        """The teacher's weights: they are trained state, kept with the checkpoint."""
+        return {k: v.detach().float().cpu().contiguous() for k, v in teacher.encoder.state_dict().items()}
 
-    def restore(self, teacher: Teacher, state: dict, directory: Path) -> None:
-        teacher.encoder.load_state_dict(load_file(str(Path(directory) / TEACHER_FILE)))
+    def restore(self, teacher: Teacher, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        teacher.encoder.load_state_dict(tensors)
 
 
 def build_policy(cfg: RunConfig, source: Callable[[int], TeacherWeights], dtype: torch.dtype):

@@ -41,13 +41,13 @@ def fresh_student(cfg: RunConfig, stage: int, target_width: int) -> Student:
                        cfg.model.resolved_drop_path())
 
 
-def keep_weights(student: Student, previous: dict[str, torch.Tensor]) -> Student:
-    """The previous stage's student weights into this stage's (ablation "student re-init off");
+def keep_weights(student: Student, previous: dict[str, torch.Tensor], stage: int) -> Student:
+    """Stage `stage` - 1's student weights into stage `stage`'s (ablation "student re-init off");
     a head of another width starts fresh."""
     own = student.state_dict()
     kept = {k: v for k, v in previous.items() if k in own and own[k].shape == v.shape}
     missing = set(own) - set(kept) - {k for k in own if k.startswith("head.")}
     if missing:
-        raise ConfigError(f"the previous stage's export does not fit the student: missing {sorted(missing)}")
+        raise ConfigError(f"stage {stage - 1}'s export does not fit stage {stage}'s student: missing {sorted(missing)}")
     student.load_state_dict(kept, strict=False)
     return student

@@ -1,8 +1,8 @@
 """What a micro-step computes, for each kind of training; the loop (runtime/trainer.py) is shared.
 
 A task gives the loss of one micro-batch of device-ready data through the engine (the model
-DeepSpeed wraps), says what happens after an optimizer step, what a checkpoint keeps of it, and
-how to evaluate. `phases(name)` brackets the parts of the step (the benchmark times them).
+DeepSpeed wraps), says what happens after an optimizer step, what a checkpoint keeps of it
+(state: JSON; tensors: kept beside the checkpoint), and how to evaluate. `phases(name)` brackets the parts of the step (the benchmark times them).
 
 - DistillTask: masked knowledge distillation. Teacher targets of the whole image, masks, the
   student's predictions, the loss over masked tokens; its teacher policy after each step.
@@ -65,6 +65,15 @@ class DistillTask:
     def loss(self, engine, imgs: torch.Tensor, phases=no_phases) -> torch.Tensor:
         return distill_loss(engine, self.teacher, imgs, self.cfg, phases=phases)
 
+    def examples(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+        """(the teacher's input, the student's inputs) at the training shapes: what compiling
+        warms up with."""
+        cfg, n = self.cfg, self.cfg.batch.micro_batch
+        size, views = self.teacher.arch.img_size, n * cfg.mask.per_image
+        student = torch.zeros(views, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
+        return (torch.zeros(n, 3, size, size, device=device, dtype=self.teacher.dtype),
+                (student, draw_masks(cfg, views, device)))
+
     def after_step(self, engine, step: int, total: int, gather) -> None:
         self.policy.after_step(self.teacher, engine.module, step, total, gather)
 
@@ -74,20 +83,21 @@ class DistillTask:
     def state(self) -> dict:
         return self.policy.state(self.teacher)
 
-    def save(self, directory) -> None:
-        self.policy.save(self.teacher, directory)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.policy.tensors(self.teacher)
 
-    def restore(self, state: dict, directory) -> None:
-        self.policy.restore(self.teacher, state, directory)
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        self.policy.restore(self.teacher, state, tensors)
 
 
 class ClassifyTask:
     name = "classify"
 
     def __init__(self, cfg: FinetuneConfig, num_classes: int, val_batches: Callable[[], Iterable],
-                 reduce: Callable[[torch.Tensor], None]):
+                 reduce: Callable[[torch.Tensor], None], dtype: torch.dtype = torch.float32):
         """val_batches() -> this rank's (normalised images, labels) of the validation set, on the
-        device; reduce(t) sums t over the ranks in place."""
+        device; reduce(t) sums t over the ranks in place; dtype: what the model computes in (the
+        training images come in fp32, are mixed in fp32, then cast)."""
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
@@ -96,14 +106,14 @@ class ClassifyTask:
         self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.smoothing,
                            num_classes=num_classes) if mixing else None
         self.loss_fn = SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(a.smoothing)
-        self.val_batches, self.reduce = val_batches, reduce
+        self.val_batches, self.reduce, self.dtype = val_batches, reduce, dtype
 
     def loss(self, engine, batch, phases=no_phases) -> torch.Tensor:
-        imgs, labels = batch                   # [B, 3, H, W], [B]
+        imgs, labels = batch                   # [B, 3, H, W] fp32, [B]
         if self.mixup is not None:
             imgs, labels = self.mixup(imgs, labels)  # soft targets [B, classes]
         with phases("student_forward"):
-            logits = engine(imgs)
+            logits = engine(imgs.to(self.dtype))
         return self.loss_fn(logits.float(), labels)
 
     def after_step(self, engine, step: int, total: int, gather) -> None:
@@ -127,8 +137,8 @@ class ClassifyTask:
     def state(self) -> dict:
         return {}
 
-    def save(self, directory) -> None:
-        pass
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {}
 
-    def restore(self, state: dict, directory) -> None:
+    def restore(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
         pass

@@ -139,23 +139,14 @@ def graph_teacher(teacher) -> bool:
     return True
 
 
-def apply_fast_paths(cfg, teacher, student: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """torch.compile student and teacher in place when cfg.compile names a backend (warmed up at
-    the training batch shapes); then the teacher's CUDA graphs when cfg.cuda_graph_teacher
-    (captured at its first call)."""
-    if cfg.compile:
-        micro, size = cfg.batch.micro_batch, teacher.arch.img_size
+def apply_fast_paths(backend: str, cuda_graph_teacher: bool, teacher, student: nn.Module,
+                     teacher_input: torch.Tensor, student_inputs: tuple) -> None:
+    """torch.compile teacher and student in place when `backend` names one (warmed up at the
+    training shapes: the example inputs); then the teacher's CUDA graphs when asked (captured at
+    its first call)."""
+    if backend:
         with torch.inference_mode():
-            try_compile(teacher.encoder, cfg.compile, torch.zeros(micro, 3, size, size, device=device, dtype=teacher.dtype))
-        compile_student(cfg, student, device, dtype)
-    if cfg.cuda_graph_teacher:
+            try_compile(teacher.encoder, backend, teacher_input)
+        try_compile(student, backend, *student_inputs, grad=True)
+    if cuda_graph_teacher:
         graph_teacher(teacher)
-
-
-def compile_student(cfg, student: nn.Module, device: torch.device, dtype: torch.dtype) -> bool:
-    """The student's blocks compiled and warmed up as it trains: autograd on, training shapes."""
-    from dbot_ds.method.tasks import draw_masks
-
-    n = cfg.batch.micro_batch * cfg.mask.per_image
-    imgs = torch.zeros(n, 3, cfg.model.img_size, cfg.model.img_size, device=device, dtype=dtype)
-    return try_compile(student, cfg.compile, imgs, draw_masks(cfg, n, device), grad=True)

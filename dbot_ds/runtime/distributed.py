@@ -57,3 +57,20 @@ def all_reduce_sum(t) -> None:
     """Sum a tensor over every rank, in place; nothing to do in a single process."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
+
+
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank (a pickled broadcast); the object itself in one process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def dist_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def dist_world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1

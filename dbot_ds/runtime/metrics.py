@@ -26,15 +26,16 @@ class LossWindow:
         self.loss_sum += loss
         self.count += 1
 
-    def close(self, step: int, world_size: int) -> tuple[float, float]:
-        """-> (mean loss over every rank's micro-batches, optimizer steps per second) since the
-        window opened; a new window opens at `step`."""
+    def mean(self, world_size: int) -> float:
+        """The mean loss over every rank's micro-batches since the window opened (one all-reduce
+        and one host read; non-finite on every rank if it is on one)."""
+        total = self.loss_sum.clone()
         if dist.is_initialized():
-            dist.all_reduce(self.loss_sum)
-        loss = self.loss_sum.item() / (self.count * world_size)
-        steps_per_s = (step - self.step) / max(time.time() - self.time, 1e-9)
-        self.restart(step)
-        return loss, steps_per_s
+            dist.all_reduce(total)
+        return total.item() / (max(self.count, 1) * world_size)
+
+    def steps_per_s(self, step: int) -> float:
+        return (step - self.step) / max(time.time() - self.time, 1e-9)
 
 
 class MetricsLog:

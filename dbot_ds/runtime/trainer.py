@@ -13,12 +13,14 @@ device and read once per log line.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dbot_ds.config import TrainingConfig
+from dbot_ds.config import ConfigError, TrainingConfig
+from dbot_ds.errors import UserError
 from dbot_ds.method.stages import StagePlan
 from dbot_ds.method.tasks import no_phases
 from dbot_ds.runtime import checkpoint
@@ -72,6 +74,16 @@ def find_resume(run: RunDir, resume: str, cfg: TrainingConfig, only_stage: int |
     return ckpt
 
 
+class Diverged(UserError):
+    """The run diverged: no export is written from it."""
+    exit_code = 3
+
+
+class _RolledBack(Exception):
+    def __init__(self, step: int):
+        self.step = step
+
+
 class Trainer:
     def __init__(self, task, engine, loader, *, cfg: TrainingConfig, run: RunDir, session: Session,
                  plan: StagePlan, stage: int = 1):
@@ -79,6 +91,11 @@ class Trainer:
         self.cfg, self.run, self.plan, self.stage = cfg, run, plan, stage
         self.world, self.stop, self.log = session.world, session.stop, session.log
         self.accum = loader.accum
+        self.data_skip = 0  # optimizer steps of data passed over after rollbacks
+        self.rollbacks = 0
+        # the layouts (ranks, workers, steps) that read the first steps of data epoch
+        # `layouts_epoch` before this run's (a resume with other numbers of ranks or workers)
+        self.layouts, self.layouts_epoch = [], -1
 
     @property
     def total(self) -> int:
@@ -87,29 +104,50 @@ class Trainer:
     def resume(self, ckpt: Path) -> int:
         """Weights, optimizer state and the task's state from `ckpt`; returns its step."""
         state = checkpoint.load(self.engine, ckpt)
-        self.task.restore(state, ckpt)
+        try:
+            self.task.restore(state, checkpoint.load_tensors(ckpt))
+        except ConfigError as e:
+            raise ConfigError(f"cannot resume from {ckpt}: {e}") from e
+        self.data_skip, self.rollbacks = state.get("data_skip", 0), state.get("rollbacks", 0)
+        self.layouts_epoch, in_epoch = divmod(state["step"] + self.data_skip, self.loader.steps_per_epoch)
+        self.layouts = [list(e) for e in state.get("layouts", [])] if in_epoch else []
+        saved = [state["world_size"], state.get("num_workers", self.loader.workers)]
+        if in_epoch and saved != [self.world.size, self.loader.workers]:  # the saved run's part of the epoch
+            self.layouts.append([*saved, in_epoch - sum(e[2] for e in self.layouts)])
         return state["step"]
 
     def save(self, step: int) -> None:
         state = {"stage": self.stage, "step": step, "global_step": self.plan.global_step(self.stage, step),
                  "world_size": self.world.size, "zero_stage": self.engine.zero_optimization_stage(),
+                 "data_skip": self.data_skip, "rollbacks": self.rollbacks, "num_workers": self.loader.workers,
+                 "layouts": self.layouts if self.data_epoch(step) == self.layouts_epoch else [],
                  "config": self.cfg.to_dict(), **self.task.state()}
         checkpoint.save(self.engine, self.run.checkpoints, state, is_main=self.world.is_main,
-                        keep=self.cfg.checkpoint.keep, write_extra=self.task.save)
+                        keep=self.cfg.checkpoint.keep, tensors=self.task.tensors())
 
     def fit(self, step: int = 0) -> Outcome:
-        """Train from optimizer step `step` to the stage's end, a stop request or stop_at_step."""
+        """Train from optimizer step `step` to the stage's end, a stop request or stop_at_step;
+        after a rollback (divergence.policy=rollback), from the checkpoint it went back to."""
+        while True:
+            try:
+                return self._fit(step)
+            except _RolledBack as back:
+                step = back.step
+
+    def _fit(self, step: int) -> Outcome:
         cfg, spe, total = self.cfg, self.loader.steps_per_epoch, self.total
         warmup, peak = round(cfg.optim.warmup_epochs * spe), cfg.peak_lr()
         every = cfg.checkpoint.every_steps or spe
         window, preempted = LossWindow(self.engine.device, step), False
+        skipped_before = skipped_steps(self.engine)
         bar = tqdm(total=total, initial=step, desc=f"{self.task.name} stage {self.stage}/{self.plan.num_stages}",
                    disable=not self.world.is_main, dynamic_ncols=True)
         try:
-            for at, micro, batch in self.loader.batches(step, total):
+            earlier = self.layouts if self.data_epoch(step) == self.layouts_epoch else []
+            for at, micro, batch in self.loader.batches(step, total, offset=self.data_skip, earlier=earlier):
                 lr = lr_at(at, total, warmup, peak, cfg.optim.min_lr)
                 set_lr(self.engine, lr)
-                seed_everything(derive_seed(cfg.seed, self.task.name, self.stage, at, micro, self.world.rank))
+                seed_everything(derive_seed(cfg.seed, "step", self.stage, at, micro, self.world.rank))
                 window.add(micro_step(self.task, self.engine, batch))
                 if micro < self.accum - 1:
                     continue
@@ -118,11 +156,21 @@ class Trainer:
                 bar.update(1)
                 if step % PREEMPT_POLL_EVERY == 0 and self.stop.poll():
                     preempted = True
-                stopping = preempted or self.stop_requested(step)
-                evaluation = self.task.evaluate(self.engine) if step % spe == 0 or step == total else None
-                if evaluation is not None or step % cfg.log_every == 0 or step == total:
-                    self.record(bar, step, lr, window, evaluation or {})
-                if stopping or step == total or step % every == 0:
+                asked_to_stop = self.stop_requested(step)
+                stopping = preempted or asked_to_stop
+                # evaluated at epoch ends, at the end and at stop_at_step (a preempted job has no time)
+                evaluation = self.task.evaluate(self.engine) if step % spe == 0 or step == total or \
+                    asked_to_stop else None
+                logging = evaluation is not None or step % cfg.log_every == 0 or step == total
+                saving = stopping or step == total or step % every == 0
+                if logging or saving:  # a host sync here already: check the run's health first
+                    loss, skipped = window.mean(self.world.size), skipped_steps(self.engine) - skipped_before
+                    self.check_health(step, loss, skipped, window.step)
+                if logging:
+                    self.record(bar, step, lr, loss, window.steps_per_s(step), skipped, evaluation or {})
+                    window.restart(step)
+                    skipped_before += skipped
+                if saving:
                     self.save(step)
                 if stopping:
                     if preempted and self.world.is_main:
@@ -132,14 +180,54 @@ class Trainer:
             bar.close()
         return Outcome(step, step == total, False, self.stop_requested(step))
 
+    def check_health(self, step: int, loss: float, skipped: int, since: int) -> None:
+        """A non-finite loss, or too many skipped steps, since step `since`: roll back or stop."""
+        limit = self.cfg.divergence.max_skipped_steps
+        if math.isfinite(loss) and skipped <= limit:
+            return
+        what = (f"loss {loss}" if not math.isfinite(loss) else
+                f"{skipped} optimizer steps skipped (non-finite gradients), more than divergence.max_skipped_steps {limit}")
+        where = f"stage {self.stage} steps {since}..{step}"
+        good = checkpoint.stage_checkpoints(self.run.checkpoints, self.stage)
+        good = good[-1] if good else None
+        policy = self.cfg.divergence
+        if policy.policy == "rollback" and good is not None and self.rollbacks < policy.max_rollbacks:
+            rollbacks, skip = self.rollbacks, self.data_skip  # this run's counts, not the checkpoint's
+            resumed = self.resume(good)
+            self.rollbacks = rollbacks + 1
+            self.data_skip = skip + step - resumed  # go on past the data that diverged
+            if self.world.is_main:
+                print(f"diverged at {where} ({what}): rollback {self.rollbacks}/{policy.max_rollbacks} to {good}, "
+                      f"passing over {step - resumed} steps of data", flush=True)
+            raise _RolledBack(resumed)
+        if policy.policy == "rollback":
+            why = f" after {self.rollbacks} rollbacks" if good is not None else ", with no checkpoint of this stage to go back to"
+        else:
+            why = ""
+        hint = ("lower the lr, or resume from it with --set divergence.policy=rollback" if good is not None
+                else "lower the lr (optim.lr or optim.base_lr) or lengthen the warm-up")
+        raise Diverged(f"training diverged at {where}: {what}{why}; no export was written. Last good checkpoint: "
+                       f"{good or 'none'}: {hint}")
+
+    def data_epoch(self, step: int) -> int:
+        """The epoch of the data step `step` reads (an epoch that ended at `step` counts as past)."""
+        return (step + self.data_skip) // self.loader.steps_per_epoch
+
     def stop_requested(self, step: int) -> bool:
         return bool(self.cfg.stop_at_step) and self.plan.global_step(self.stage, step) >= self.cfg.stop_at_step
 
-    def record(self, bar, step: int, lr: float, window: LossWindow, evaluation: dict) -> None:
-        loss, steps_per_s = window.close(step, self.world.size)
+    def record(self, bar, step: int, lr: float, loss: float, steps_per_s: float, skipped: int,
+               evaluation: dict) -> None:
+        grad_norm = self.engine.get_global_grad_norm()
         record = {"stage": self.stage, "epoch": step / self.loader.steps_per_epoch, "step": step,
                   "global_step": self.plan.global_step(self.stage, step), "loss": loss, "lr": lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": skipped,
                   "images_per_s": steps_per_s * self.cfg.batch.global_batch, **evaluation}
         self.log.log(record, record["global_step"])
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                         **({"top1": f"{100 * evaluation['top1']:.1f}"} if "top1" in evaluation else {}))
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed skipped so far (non-finite gradients): the same on every rank."""
+    return engine.skipped_steps

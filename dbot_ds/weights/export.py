@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from dbot_ds.errors import UserError
 from dbot_ds.config import RunConfig
-from dbot_ds.files import atomic_write
+from dbot_ds.files import atomic_write, stays_inside
 from dbot_ds.input_norms import STUDENT_NORM
 from dbot_ds.models import ViTArch, build_encoder
 
@@ -28,7 +29,7 @@ META = "meta.json"
 FORMAT = "dbot-ds-export/1"
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A missing, incomplete, corrupt or conflicting export."""
 
 
@@ -88,7 +89,11 @@ def read_meta(export_dir: str | Path) -> dict:
 def read_export(export_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load and verify (sha256 against meta.json) an export; returns (state_dict, meta)."""
     meta = read_meta(export_dir)
-    weights = Path(export_dir) / meta.get("weights", WEIGHTS)
+    name = meta.get("weights", WEIGHTS)
+    if not isinstance(name, str) or not stays_inside(export_dir, name):
+        raise ExportError(f"{Path(export_dir) / META} names weights {name!r} outside the export's folder: "
+                          "an export keeps its weights beside its meta.json")
+    weights = Path(export_dir) / name
     if not weights.is_file():
         raise ExportError(f"{weights} is missing: the export is incomplete; re-export it")
     data = weights.read_bytes()
@@ -115,12 +120,26 @@ def encoder_state(state: dict[str, torch.Tensor], prefix: str = "encoder.") -> d
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def load_fitting(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `module` strictly; what does not fit is named (key, shapes)."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ExportError(f"{source}: the weights do not fit the architecture: missing {missing[:8]}, "
+                          f"unexpected {unexpected[:8]}")
+    wrong = [f"{k} {tuple(state[k].shape)} (the architecture has {tuple(v.shape)})"
+             for k, v in own.items() if state[k].shape != v.shape]
+    if wrong:
+        raise ExportError(f"{source}: weights of the wrong shape for its architecture: {'; '.join(wrong[:4])}")
+    module.load_state_dict(state, strict=True)
+
+
 def encoder_from_export(path: str | Path):
     """-> (the export's encoder, rebuilt from meta.json and loaded strictly, meta)."""
     state, meta = read_export(path)
-    encoder = build_encoder(ViTArch(**meta["encoder"]))
-    missing, unexpected = encoder.load_state_dict(encoder_state(state), strict=False)
-    if missing or unexpected:
-        raise ExportError(f"{path}: weights do not fit the architecture in meta.json "
-                          f"(missing {missing}, unexpected {unexpected})")
+    try:
+        encoder = build_encoder(ViTArch(**meta["encoder"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{Path(path) / META}: no valid encoder architecture ({type(e).__name__}: {e})") from e
+    load_fitting(encoder, encoder_state(state), f"{path} (meta.json's encoder)")
     return encoder, meta

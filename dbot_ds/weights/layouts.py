@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from dbot_ds.files import atomic_write
-from dbot_ds.weights.export import ExportError
+from dbot_ds.weights.export import ExportError, load_fitting
 from dbot_ds.models import ViTArch, build_encoder
 from dbot_ds.models.pos_embed import resample_pos_table
 
@@ -64,12 +64,18 @@ def read_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise ExportError(f"teacher weights {path} not found (a dbot-ds export dir or a weights file)")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors' own errors for a broken header or truncated data
+            raise ExportError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ExportError(f"{path}: not loadable as weights only ({type(e).__name__}: {e}); "
                           "convert it to safetensors or a plain state dict") from e
+    if not isinstance(loaded, dict):
+        raise ExportError(f"{path} holds a {type(loaded).__name__}, not a state dict of named tensors")
+    return loaded
 
 
 def unwrap(sd: dict) -> dict:
@@ -130,11 +136,22 @@ def file_heads(path: Path) -> int | None:
         return None
     with safe_open(str(path), "pt") as f:
         value = (f.metadata() or {}).get(HEADS_KEY)
+    if value is not None and not str(value).isdigit():
+        raise ExportError(f"{path}: its metadata gives {HEADS_KEY}={value!r}, not a count")
     return int(value) if value else None
 
 
+REQUIRED = ("patch_embed.proj.weight", "pos_embed", "cls_token")  # what the architecture is read from
+
+
 def infer_arch(sd: dict, layout: str, heads: int | None = None) -> ViTArch:
+    absent = [k for k in REQUIRED if k not in sd]
+    if absent:
+        raise ExportError(f"the {layout} weights lack {', '.join(absent)}: a teacher needs its patch embedding, "
+                          "position table and cls token")
     w = sd["patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise ExportError(f"patch_embed.proj.weight has shape {tuple(w.shape)}: not a square patch embedding")
     width, patch = w.shape[0], w.shape[-1]
     heads = heads or HEADS_BY_WIDTH.get(width)
     if heads is None:  # the weights do not tell; a guess would give a silently different teacher
@@ -145,14 +162,19 @@ def infer_arch(sd: dict, layout: str, heads: int | None = None) -> ViTArch:
     grid = int(round(tokens ** 0.5))
     if grid * grid != tokens:
         raise ExportError(f"pos_embed has {tokens} patch positions (+cls): not a square grid")
+    if depth and "blocks.0.mlp.fc1.weight" not in sd:
+        raise ExportError(f"the {layout} weights have blocks but no blocks.0.mlp.fc1.weight")
     mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / width if depth else 4.0
     proj = sd.get("proj.weight")
-    return ViTArch(width=width, depth=depth, heads=heads,
-                   patch_size=patch, img_size=grid * patch, mlp_ratio=mlp_ratio,
-                   pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
-                   act="quick_gelu" if layout == "openai_clip" else "gelu",
-                   norm_eps=1e-5 if "norm_pre.weight" in sd else 1e-6,  # CLIP towers: torch's default
-                   proj_dim=proj.shape[0] if proj is not None else None)
+    try:
+        return ViTArch(width=width, depth=depth, heads=heads,
+                       patch_size=patch, img_size=grid * patch, mlp_ratio=mlp_ratio,
+                       pre_norm="norm_pre.weight" in sd, patch_bias="patch_embed.proj.bias" in sd,
+                       act="quick_gelu" if layout == "openai_clip" else "gelu",
+                       norm_eps=1e-5 if "norm_pre.weight" in sd else 1e-6,  # CLIP towers: torch's default
+                       proj_dim=proj.shape[0] if proj is not None else None)
+    except ValueError as e:
+        raise ExportError(f"the {layout} weights describe no valid ViT: {e}") from e
 
 
 def input_norm_of(arch: ViTArch) -> str:
@@ -174,7 +196,7 @@ def import_teacher(path: str | Path, heads: int | None = None) -> tuple[nn.Modul
     unexpected = sorted(set(state) - own)
     if unexpected:
         raise ExportError(f"{path}: weights the {layout} teacher does not know: {', '.join(unexpected[:12])}")
-    encoder.load_state_dict(state, strict=True)
+    load_fitting(encoder, state, str(path))
     report = {"layout": layout, "mapped": len(state), "converted": len(renamed), "ignored": ignored,
               "architecture": arch.to_dict(), "input_norm": input_norm_of(arch),
               "projection": arch.proj_dim}

@@ -8,6 +8,7 @@
     <run>/model.safetensors  metrics.json   fine-tuning: the classifier, its best and last evaluation
     <run>/data/                         generated shards (data.source=generated_shards)
     <run>/logs/                         Slurm job logs
+    <run>/.lock                         who is writing the run now (runtime/lock.py)
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
 
     @property
     def model(self) -> Path:

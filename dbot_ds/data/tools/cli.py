@@ -7,6 +7,8 @@ import glob
 import json
 import sys
 
+from dbot_ds.errors import run
+
 
 def parse_bytes(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
@@ -141,7 +143,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    return args.func(args)
+    return run(args.func, args, "python -m data_tools")
 
 
 if __name__ == "__main__":

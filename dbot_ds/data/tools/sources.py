@@ -9,7 +9,13 @@ import re
 import tarfile
 from pathlib import Path
 
+from dbot_ds.errors import UserError
+
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+class SourceError(UserError, ValueError):
+    """An image source that cannot be read as given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +83,14 @@ def read_val_labels(labels: str | Path, image_names: list[str]) -> dict[str, str
     try:
         from scipy.io import loadmat
     except ImportError as e:
-        raise ImportError("reading the devkit's meta.mat needs scipy (pip install scipy), "
+        raise SourceError("reading the devkit's meta.mat needs scipy (pip install scipy), "
                           "or pass LOC_val_solution.csv instead") from e
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     id_to_wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
     ids = [int(x) for x in truth.read_text().split()]
     stems = sorted(Path(n).stem for n in image_names)  # ground truth follows val_00000001...
     if len(ids) != len(stems):
-        raise ValueError(f"{truth} has {len(ids)} labels for {len(stems)} images")
+        raise SourceError(f"{truth} has {len(ids)} labels for {len(stems)} images")
     return {stem: id_to_wnid[i] for stem, i in zip(stems, ids)}
 
 
@@ -100,8 +106,8 @@ def val_folder(images: str | Path, labels: str | Path,
     for f in files:
         wnid = wnid_of.get(f.stem)
         if wnid is None or wnid not in index:
-            raise ValueError(f"{f.name}: no label in {labels}" if wnid is None else
-                             f"{f.name}: class {wnid} is not in the class list")
+            raise SourceError(f"{f.name}: no label in {labels}" if wnid is None else
+                              f"{f.name}: class {wnid} is not in the class list")
         items.append(Item(sample_key(f.name), index[wnid], wnid, f.name, str(f), f.stat().st_size))
     return _unique(items), classes
 
@@ -111,16 +117,29 @@ def ilsvrc_train_tar(path: str | Path) -> tuple[list[Item], list[str]]:
     extracted: headers are read in place and every image is addressed by (offset, size)."""
     path = Path(path)
     items_by_class: dict[str, list[tuple[str, int, int]]] = {}
-    with tarfile.open(path, "r:") as outer:
+    tar_of: dict[str, str] = {}  # wnid -> the inner tar it came from
+    try:
+        outer = tarfile.open(path, "r:")
+    except tarfile.ReadError as e:
+        raise SourceError(f"{path} is not an uncompressed tar ({e}): expected ILSVRC2012_img_train.tar") from e
+    with outer:
         for member in outer:
             if not (member.isreg() and member.name.endswith(".tar")):
                 continue
             wnid = Path(member.name).stem
-            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-                items_by_class[wnid] = [(m.name, member.offset_data + m.offset_data, m.size)
-                                        for m in inner if m.isreg()]
+            if wnid in tar_of:
+                raise SourceError(f"{path}: two class tars for {wnid}: {tar_of[wnid]} and {member.name}; "
+                                  "each class must come once")
+            tar_of[wnid] = member.name
+            try:
+                with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                    items_by_class[wnid] = [(m.name, member.offset_data + m.offset_data, m.size)
+                                            for m in inner if m.isreg()]
+            except tarfile.ReadError as e:
+                raise SourceError(f"{path}: {member.name} is not an uncompressed tar ({e}); its images are read "
+                                  "in place, so each class tar must be a plain tar") from e
     if not items_by_class:
-        raise ValueError(f"{path} holds no per-class .tar members: not an ILSVRC2012 train tar")
+        raise SourceError(f"{path} holds no per-class .tar members: not an ILSVRC2012 train tar")
     classes = sorted(items_by_class)
     items = [Item(sample_key(name), label, wnid, Path(name).name, str(path), size, offset)
              for label, wnid in enumerate(classes) for name, offset, size in sorted(items_by_class[wnid])]

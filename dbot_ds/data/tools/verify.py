@@ -10,7 +10,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from dbot_ds.data.shards import IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardInfo, read_manifest, write_manifest
+from dbot_ds.data.shards import (IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardError, ShardInfo, read_manifest,
+                                  write_manifest)
 from dbot_ds.files import file_sha256
 from dbot_ds.data.tar_samples import iter_shard_samples
 
@@ -77,13 +78,17 @@ def inspect(manifest_path: str | Path, n: int = 5) -> str:
 def index(shards: list[str | Path], out: str | Path, classes: list[str] | None = None) -> Manifest:
     """A manifest for shards written elsewhere (e.g. timm/imagenet-1k-wds): counts, sizes, sha256."""
     out = Path(out)
+    folder = out.parent.resolve()
+    outside = [str(p) for p in shards if not Path(p).resolve().is_relative_to(folder)]
+    if outside:
+        raise ShardError(f"shards index: {', '.join(outside[:3])} lie outside {folder}; a manifest lists shards "
+                         "in its own folder or below: write it with --out in a folder above every shard")
     infos, max_label = [], -1
     for path in tqdm(sorted(Path(p) for p in shards), desc="index", unit="shard"):
         labels = [int(s[LABEL_KEY]) for s in iter_shard_samples(path)]
         max_label = max([max_label, *labels])
-        infos.append(ShardInfo(str(path.resolve().relative_to(out.parent.resolve()))
-                               if path.resolve().is_relative_to(out.parent.resolve()) else str(path.resolve()),
-                               len(labels), path.stat().st_size, file_sha256(path)))
+        infos.append(ShardInfo(str(path.resolve().relative_to(folder)), len(labels), path.stat().st_size,
+                               file_sha256(path)))
     classes = classes or [str(i) for i in range(max_label + 1)]
     m = Manifest(infos, classes, {"indexed": True}, out.parent)
     write_manifest(m, out)
