@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from dbot_ds.config import RunConfig, load_config
 from dbot_ds.data.shard_loader import ShardStream
-from dbot_ds.data.shards import DeterministicTarWriter, Manifest, ShardInfo, read_manifest, sample_members, write_manifest
+from dbot_ds.data.shards import Manifest, ShardInfo, read_manifest, sample_record, shard_writer, write_manifest
 from dbot_ds.files import file_sha256
 
 # ---------------------------------------------------------------- the tiny run
@@ -141,11 +141,10 @@ def write_shards(root, sizes, corrupt=(), truncate=None, replace=None):
     infos, index_ = [], 0
     for s, n in enumerate(sizes):
         name = f"train-{s:06d}.tar"
-        w = DeterministicTarWriter(root / name)
+        w = shard_writer(root / name)
         for _ in range(n):
             data = b"\xff\xd8 not a jpeg" if index_ in corrupt else (replace or {}).get(index_) or solid_jpeg(index_)
-            for member, payload in sample_members(f"s{index_:05d}", data, index_ % 3, {"wnid": "x"}):
-                w.add(member, payload)
+            w.write(sample_record(f"s{index_:05d}", data, index_ % 3, {"wnid": "x"}))
             index_ += 1
         w.close()
         if truncate == s:

@@ -185,3 +185,15 @@ def test_the_gpu_plan_writes_its_report_as_each_step_finishes(tmp_path):
     assert [r["step"] for r in report["results"]] == ["step1", "step3", "step3"]  # step 3: accum 1 and 4
     assert [r["accumulation"] for r in report["results"]] == [1, 1, 4]
     assert "step1: exit 0" in (tmp_path / "out" / "times.txt").read_text()
+
+
+def test_activation_checkpointing_lowers_the_activation_memory_the_benchmark_measures(process_group):
+    from dbot_ds.commands.bench import run_case
+
+    measured = {}
+    for on in ("false", "true"):
+        cfg = bench_config("tiny_test", 4, 1, "", False, 32, False, [*TINY_DECODER[1::2], f"model.grad_checkpointing={on}"])
+        r = run_case(cfg, torch.device("cpu"), steps=1, warmup=0, repeats=1, peak=None, compare_plain=False)
+        measured[on] = r["activation_gb"]
+        assert r["grad_checkpointing"] is (on == "true")
+    assert 0 < measured["true"] < 0.6 * measured["false"]

@@ -1,6 +1,7 @@
 """`dbot-ds export`: resume checkpoint -> stage export, and timm-compatible encoder weights."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -45,23 +46,47 @@ def test_a_zero0_checkpoint_exports_through_a_weights_only_load(process_group, t
     assert read_meta(tmp_path / "exp")["sha256"] == read_meta(tmp_path / "run" / "stage1")["sha256"]
 
 
-def test_timm_export_loads_strictly_and_gives_the_same_features(run_dir, tmp_path):
-    assert main(["export", str(run_dir / "stage2"), "--out", str(tmp_path), "--format", "timm"]) == 0
-    kwargs = json.loads((tmp_path / "timm_config.json").read_text())["kwargs"]
-    model = timm.models.vision_transformer.VisionTransformer(**kwargs).eval()
-    model.load_state_dict(load_file(str(tmp_path / "model.safetensors")), strict=True)
+def test_a_timm_export_loads_with_create_model_local_dir_strictly_with_the_same_features(run_dir, tmp_path):
+    metrics = tmp_path / "probe.json"
+    metrics.write_text(json.dumps({"knn_top1": 0.42, "linear_top1": 0.51}))
+    out = tmp_path / "dbot-vit-tiny"
+    assert main(["export", str(run_dir / "stage2"), "--out", str(out), "--format", "timm", "--metrics", str(metrics)]) == 0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # no further arguments
     ours, _ = encoder_from_export(run_dir / "stage2")
+    assert set(model.state_dict()) == set(load_file(str(out / "model.safetensors")))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
+    assert tuple(model.pretrained_cfg["mean"]) == (0.485, 0.456, 0.406)  # what its images were normalised with
+    card = (out / "README.md").read_text()
+    front = card.split("---")[1]
+    for line in ("library_name: timm", "license: apache-2.0", "- dbot", "- knn_top1", "- linear_top1"):
+        assert line in front, line
+    assert "stage 2" in card and "knn_top1: 0.42" in card and "hf-hub:ORG/dbot-vit-tiny" in card
+
+
+def test_push_to_hub_uploads_the_timm_directory_with_huggingface_hub(run_dir, tmp_path, monkeypatch):
+    """The network call is the library's; what it is asked to upload is ours."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in
+                                                         Path(kw["folder_path"]).iterdir()))) or "https://hub/commit")
+    assert main(["export", str(run_dir / "stage2"), "--out", str(tmp_path / "m"), "--format", "timm",
+                 "--push-to-hub", "me/dbot-tiny"]) == 0
+    assert calls == [("create", "me/dbot-tiny"), ("upload", "me/dbot-tiny", ["README.md", "config.json",
+                                                                             "model.safetensors"])]
 
 
 def test_a_resume_checkpoint_exports_to_timm_through_an_export_of_its_own(run_dir, tmp_path):
     last = checkpoint.latest(run_dir / "checkpoints")
     assert main(["export", str(last), "--out", str(tmp_path), "--format", "timm"]) == 0
-    assert read_meta(tmp_path / "dbot_export")["sha256"] == read_meta(run_dir / "stage2")["sha256"]
-    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["pos_embed"],
-                       read_export(run_dir / "stage2")[0]["encoder.pos_embed"])
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    stage2 = read_export(run_dir / "stage2")[0]  # the checkpoint of the stage's last step
+    assert all(torch.equal(weights[k], stage2[f"encoder.{k}"]) for k in weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
 
 
 def test_an_export_naming_weights_outside_its_folder_is_refused(run_dir, tmp_path):
@@ -115,34 +140,16 @@ def test_a_missing_or_damaged_teacher_export_fails_before_training(run_dir, tmp_
     assert not out.exists()  # refused before the run directory was made
 
 
-def test_timm_export_loads_through_create_model_with_a_file_overlay(run_dir, tmp_path):
-    main(["export", str(run_dir / "stage2"), "--out", str(tmp_path), "--format", "timm"])
-    kwargs = json.loads((tmp_path / "timm_config.json").read_text())["kwargs"]
-    model = timm.create_model("vit_base_patch16_224", pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors")), **kwargs).eval()
-    ours, _ = encoder_from_export(run_dir / "stage2")
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)
-    card = (tmp_path / "README.md").read_text()
-    assert "stage 2" in card and "pretrained_cfg_overlay" in card
-
-
 def test_a_beit_style_student_exports_to_timm_beit_loading_strictly_with_the_same_features(tmp_path, process_group):
     from timm.models.beit import Beit
     pretrain(tiny_config("stages.epochs=[1]", "model.family=beit", "model.decoder=false", "mask.kind=block",
                          "mask.patches=6", "mask.block_min=2"), tmp_path / "run")
     assert main(["export", str(tmp_path / "run" / "stage1"), "--out", str(tmp_path / "timm"), "--format", "timm"]) == 0
-    config = json.loads((tmp_path / "timm" / "timm_config.json").read_text())
-    assert config["architecture"] == "timm.models.beit.Beit"
-    weights = load_file(str(tmp_path / "timm" / "model.safetensors"))
-    model = Beit(**config["kwargs"]).eval()
-    model.load_state_dict(weights, strict=True)
-    overlay = timm.create_model("beit_base_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(
-        file=str(tmp_path / "timm" / "model.safetensors")), **config["kwargs"]).eval()
+    assert json.loads((tmp_path / "timm" / "config.json").read_text())["architecture"] == "beit_base_patch16_224"
+    model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert isinstance(model, Beit)
     ours, meta = encoder_from_export(tmp_path / "run" / "stage1")
     assert meta["encoder"]["family"] == "beit"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        for theirs in (model, overlay):
-            assert torch.allclose(theirs.forward_features(x), ours.eval()(x), atol=1e-5)
+        assert torch.allclose(model.forward_features(x), ours.eval()(x), atol=1e-5)

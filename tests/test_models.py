@@ -1,3 +1,6 @@
+import random
+
+import pytest
 import timm
 import torch
 
@@ -134,3 +137,28 @@ def test_weight_decay_follows_the_authors_groups():
     beit = decayed(Student(beit_arch(), None, 32))
     assert {"mask_token", "encoder.rel_pos_bias.relative_position_bias_table"} <= beit
     assert "encoder.cls_token" not in beit and not any("gamma" in n or n.endswith("_bias") for n in beit)
+
+
+@pytest.mark.parametrize("family", ["vit", "beit"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
+    """Per-block recomputation replays drop path's random draws: the same numbers, fp32 CPU."""
+    from dbot_ds.method.masking import block_masking
+
+    arch = vit_arch("tiny_test", img_size=32, family=family, layer_scale=0.1 if family == "beit" else None)
+    decoder = DecoderArch(width=32, depth=2, heads=2) if family == "vit" else None
+    torch.manual_seed(0)
+    student = Student(arch, decoder, 24, drop_path=0.3).train()
+    imgs = torch.randn(4, 3, 32, 32)
+    masks = random_masking(4, arch.num_patches, 0.75, generator=torch.Generator().manual_seed(1)) \
+        if family == "vit" else block_masking(4, arch.grid, 6, random.Random(1), min_block=2)
+    results = []
+    for on in (False, True):
+        student.set_grad_checkpointing(on)
+        student.zero_grad()
+        torch.manual_seed(5)  # the same drop-path draws
+        loss = student(imgs, masks).square().mean()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (plain_loss, plain), (ckpt_loss, ckpt) = results
+    assert torch.equal(plain_loss, ckpt_loss)
+    assert all(torch.equal(plain[n], ckpt[n]) for n in plain)

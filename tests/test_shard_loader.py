@@ -244,3 +244,32 @@ def test_index_refuses_to_write_a_manifest_that_would_point_outside_its_folder(t
     write_shards(tmp_path / "shards", [4])
     with pytest.raises(ShardError, match="lie outside .*write it with --out in a folder above every shard"):
         index([str(tmp_path / "shards" / "train-000000.tar")], tmp_path / "elsewhere" / "manifest.json")
+
+
+def test_a_manifest_of_remote_urls_streams_exact_epochs_and_resumes_like_local_shards(tmp_path):
+    """Shards behind `pipe:` URLs (here `cat`; `aws s3 cp ... -` on a cluster), indexed and
+    verified through the same opener: the same samples, epochs and resume as the local set."""
+    from dbot_ds.data.tools.verify import verify
+
+    local = write_shards(tmp_path / "local", [7, 13, 1, 11, 16])
+    urls = [f"pipe:cat {p}" for p in sorted((tmp_path / "local").glob("*.tar"))]
+    remote = tmp_path / "elsewhere" / "manifest.json"
+    index(urls, remote, classes=["a", "b", "c"])
+    with pytest.raises(ShardError, match="fetches shards by running shell commands.*data.pipe_urls=true"):
+        stream(remote)
+    assert verify(remote, progress=False, pipe_urls=True) == []
+    by_url, by_path = stream(remote, pipe_urls=True), stream(local)
+    assert read_epoch(by_url, epoch=2) == read_epoch(by_path, epoch=2)
+    assert read_epoch(by_url, epoch=2, step=3) == read_epoch(by_path, epoch=2)[3:]
+
+
+def test_a_url_template_turns_names_into_urls(tmp_path):
+    import json
+
+    local = write_shards(tmp_path / "local", [8, 8])
+    data = json.loads(local.read_text())
+    data["url_template"] = f"pipe:cat {tmp_path / 'local'}/{{name}}"
+    templated = tmp_path / "t" / "manifest.json"
+    templated.parent.mkdir()
+    templated.write_text(json.dumps(data))
+    assert read_epoch(stream(templated, pipe_urls=True), epoch=0) == read_epoch(stream(local), epoch=0)

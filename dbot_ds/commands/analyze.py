@@ -134,7 +134,7 @@ def plot(result: dict, out: Path) -> list[Path]:
 def main(args) -> int:
     encoder = load_encoder(args.encoder)
     imgs = []
-    for batch, _ in labelled_loader(args.manifest, encoder.arch.img_size, batch=64, workers=0):
+    for batch, _ in labelled_loader(args.manifest, encoder.arch.img_size, batch=64, workers=0, pipe_urls=args.pipe_urls):
         imgs.append(batch)
         if sum(map(len, imgs)) >= args.max_images:
             break
@@ -158,5 +158,6 @@ def register(sub) -> None:
                    "boxes in the centre-cropped frame, for CorLoc")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--max-images", type=int, default=256)
+    p.add_argument("--pipe-urls", action="store_true", help="allow the manifest's pipe: URLs (shell commands) to run")
     p.add_argument("--out", required=True)
     p.set_defaults(func=main)

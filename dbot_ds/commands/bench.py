@@ -34,7 +34,8 @@ from dbot_ds.runtime import engine as ds_engine
 from dbot_ds.runtime.accel import apply_fast_paths, try_compile
 from dbot_ds.runtime.distributed import World
 from dbot_ds.runtime.ds_config import compute_dtype, resolve_ds_config, zero_stage
-from dbot_ds.runtime.measure import Timer, device_peak, host_syncs, peak_memory_gb, reset_peak_memory
+from dbot_ds.runtime.measure import (Timer, device_peak, host_syncs, peak_memory_gb, reset_peak_memory,
+                                     saved_activation_bytes)
 from dbot_ds.runtime.plain_engine import PlainEngine
 from dbot_ds.runtime.trainer import micro_step
 
@@ -136,6 +137,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         syncs["plain"] = host_syncs(plain_step, device)
         del plain_step, plain  # its weights and optimizer state must not count in the memory below
     reset_peak_memory(device)
+    activations = saved_activation_bytes(eng.module, lambda: task.loss(eng, imgs)) / 2**30  # one micro-batch
     breakdown = phase_breakdown(task, eng, imgs, device, max(2, steps // 2), accum)
     memory, reserved = peak_memory_gb(device)
     step_s = statistics.median(ds_times)
@@ -154,6 +156,7 @@ def run_case(cfg: RunConfig, device, *, steps: int, warmup: int, repeats: int, p
         "host_syncs_per_step": syncs,
         # the DeepSpeed step's and the teacher's alone (the plain loop is gone by now)
         "peak_memory_gb": memory, "peak_reserved_gb": reserved,
+        "activation_gb": activations, "grad_checkpointing": cfg.model.grad_checkpointing,
     }
     if compare_plain:
         result["plain_step_s"] = statistics.median(plain_times)
@@ -233,6 +236,8 @@ def format_row(r: dict) -> str:
              f"{'bf16' if r['bf16'] else 'fp32'} compile={r['compile']} teacher-graph="
              f"{'on' if r['teacher_cuda_graph'] else 'off'}: {r['images_per_s']:.1f} img/s, "
              f"{r['tflops']:.3f} TFLOP/s, {mfu}, peak mem {r['peak_memory_gb']:.2f} GB, "
+             f"activations {r['activation_gb']:.3f} GB per micro-batch"
+             f"{' (checkpointed)' if r['grad_checkpointing'] else ''}, "
              f"first step {r['first_step_s']:.1f} s"]
     parts.append("  breakdown (s per optimizer step): " + ", ".join(f"{k} {v:.4f}" for k, v in r["breakdown_s"].items()))
     if "deepspeed_over_plain" in r:

@@ -39,7 +39,9 @@ def classifier(cfg: FinetuneConfig, encoder: torch.nn.Module, num_classes: int) 
     drop_path = cfg.model.drop_path if cfg.model.drop_path is not None else paper_drop_path(encoder.arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "classifier"))
-        return build_classifier(encoder, num_classes, drop_path, cfg.model.head_init_std)
+        model = build_classifier(encoder, num_classes, drop_path, cfg.model.head_init_std)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
 
 
 def evaluations(run: RunDir) -> dict:
@@ -76,7 +78,8 @@ def finetune(cfg: FinetuneConfig, out: str | Path, resume: str = "auto") -> dict
                                         groups=lambda m: layer_decay_groups(m, cfg.optim.weight_decay,
                                                                             cfg.optim.layer_decay))
         val = lambda: labelled_batches(cfg.data.val, size=size, rank=w.rank, world=w.size,  # noqa: E731
-                                       workers=min(cfg.data.num_workers, 2), device=s.device, dtype=s.dtype)
+                                       workers=min(cfg.data.num_workers, 2), device=s.device, dtype=s.dtype,
+                                       pipe_urls=cfg.data.pipe_urls)
         trainer = Trainer(ClassifyTask(cfg, num_classes, val, all_reduce_sum, s.dtype), engine, loader, cfg=cfg,
                           run=run, session=s, plan=plan)
         outcome = trainer.fit(trainer.resume(ckpt) if ckpt else 0)

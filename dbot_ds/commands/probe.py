@@ -26,11 +26,11 @@ from dbot_ds.weights.sources import load_encoder
 
 @torch.no_grad()
 def extract(encoder: nn.Module, manifest: str, device, pool: str = "avg", batch: int = 256,
-            workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+            workers: int = 2, pipe_urls: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """-> features [N, D] (float32, CPU), labels [N]."""
     encoder = encoder.to(device).eval()
     feats, labels = [], []
-    for imgs, y in labelled_loader(manifest, encoder.arch.img_size, batch, workers):
+    for imgs, y in labelled_loader(manifest, encoder.arch.img_size, batch, workers, pipe_urls=pipe_urls):
         tokens = encoder(normalize_on_device(imgs, device, torch.float32))  # [B, 1+N, D]
         feats.append((tokens[:, 1:].mean(1) if pool == "avg" else tokens[:, 0]).float().cpu())
         labels.append(y)
@@ -81,8 +81,8 @@ def probe(cfg: ProbeConfig) -> list[dict]:
     for source in cfg.encoders:
         t = time.time()
         encoder = load_encoder(source)
-        train = extract(encoder, cfg.train, device, cfg.pool, workers=cfg.workers)
-        test = extract(encoder, cfg.val, device, cfg.pool, workers=cfg.workers)
+        train = extract(encoder, cfg.train, device, cfg.pool, workers=cfg.workers, pipe_urls=cfg.pipe_urls)
+        test = extract(encoder, cfg.val, device, cfg.pool, workers=cfg.workers, pipe_urls=cfg.pipe_urls)
         row = {"encoder": source, "knn_top1": knn_accuracy(*train, *test, k=cfg.k, temperature=cfg.temperature,
                                                            num_classes=classes),
                "linear_top1": linear_probe(*train, *test, classes, epochs=cfg.epochs),
@@ -113,5 +113,6 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--epochs", type=int, default=100, help="linear probe epochs on cached features")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--pipe-urls", action="store_true", help="allow the manifests' pipe: URLs (shell commands) to run")
     p.add_argument("--json")
     p.set_defaults(func=main)

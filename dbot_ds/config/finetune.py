@@ -33,6 +33,8 @@ class FinetuneBatchConfig(BatchConfig):
 class ClassifierConfig:
     drop_path: float | None = None
     """None: the paper's (paper_drop_path)."""
+    grad_checkpointing: bool = False
+    """Recompute each block in the backward (timm's set_grad_checkpointing)."""
     head_init_std: float = 0.01
     """ViT classifiers: the head's truncated-normal std (the authors' 0.01). BEiT-style ones use
     BEiT's init, normal(0.02) scaled by 0.001."""
@@ -58,6 +60,8 @@ class LabelledDataConfig:
     num_workers: int = 8
     verify: Literal["size", "sha256"] = "size"
     """The train shards' check against the manifest (as pre-training's data.verify)."""
+    pipe_urls: bool = False
+    """Let the manifests' pipe: URLs run (as pre-training's data.pipe_urls)."""
 
 
 @dataclasses.dataclass(kw_only=True)

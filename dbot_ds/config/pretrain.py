@@ -28,6 +28,9 @@ class ModelConfig:
     """beit: the layer scales' initial value."""
     decoder: bool = True
     """MAE's asymmetric decoder; False: the encoder sees mask tokens in place (recipe ⌘)."""
+    grad_checkpointing: bool = False
+    """Recompute each student block (encoder and decoder) in the backward instead of keeping its
+    activations: less memory for ViT-H or large micro-batches, about a third more compute."""
     decoder_width: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
@@ -125,6 +128,9 @@ class DataConfig:
     verify: Literal["size", "sha256"] = "size"
     """Shards are checked against the manifest as they are opened: size (a stat), or sha256 too
     (hashed as they stream, no second read); a mismatch makes the shard's samples bad."""
+    pipe_urls: bool = False
+    """Let the manifest's pipe: URLs run (shell commands that fetch shards, e.g. from S3): only
+    for a manifest you trust."""
     synthetic_images: int = 4096
     synthetic_size: int | None = None
     """Side of generated images before cropping; None: 5/4 of the model's img_size."""

@@ -20,6 +20,8 @@ class ProbeConfig:
     epochs: int = 100
     """Linear-probe epochs on cached features."""
     workers: int = 2
+    pipe_urls: bool = False
+    """Let the manifests' pipe: URLs run."""
     json: str | None = None
 
     def __post_init__(self):

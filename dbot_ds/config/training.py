@@ -5,6 +5,7 @@ the Checks that collect a config's problems to report them together."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from typing import ClassVar, Literal
 
@@ -107,6 +108,36 @@ class DivergenceConfig:
 
 
 @dataclasses.dataclass(kw_only=True)
+class LogConfig:
+    wandb: str = ""
+    """A Weights & Biases project to log to as well (rank 0; WANDB_MODE=offline on nodes without
+    network, then `wandb sync`); "": none. JSON lines and TensorBoard are always written."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class ProfileConfig:
+    steps: str = ""
+    """A:B: a torch.profiler trace of optimizer steps A..B-1 (counted over all stages), one per
+    rank in <run>/profile (TensorBoard and Perfetto read it); "": none."""
+    memory: bool = False
+    """With steps: a CUDA memory snapshot of those steps too (GPU only)."""
+
+    def window(self) -> tuple[int, int] | None:
+        if not self.steps:
+            return None
+        a, b = (int(x) for x in self.steps.split(":"))
+        return a, b
+
+    def check(self, check: Checks) -> None:
+        try:
+            window = self.window()
+        except ValueError:
+            window = (0, -1)
+        check(window is None or 0 <= window[0] < window[1],
+              f"profile.steps {self.steps!r}: give A:B with 0 <= A < B, e.g. profile.steps=10:15")
+
+
+@dataclasses.dataclass(kw_only=True)
 class TrainingConfig:
     """What every training command has: the loop's settings and its shared sections."""
     recipe: str = "custom"
@@ -120,11 +151,14 @@ class TrainingConfig:
     batch: BatchConfig = dataclasses.field(default_factory=BatchConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     divergence: DivergenceConfig = dataclasses.field(default_factory=DivergenceConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     # Keys that may change between a checkpoint and its resume; any other difference is an error.
     MAY_CHANGE: ClassVar[tuple[str, ...]] = ("stop_at_step", "log_every", "checkpoint.every_steps",
                                              "checkpoint.keep", "divergence.policy", "divergence.max_skipped_steps",
-                                             "divergence.max_rollbacks")
+                                             "divergence.max_rollbacks", "log.wandb", "profile.steps",
+                                             "profile.memory")
 
     def __post_init__(self):
         check = Checks()
@@ -138,6 +172,9 @@ class TrainingConfig:
         self.batch.check(check)
         self.checkpoint.check(check)
         self.divergence.check(check)
+        self.profile.check(check)
+        check(not self.log.wandb or importlib.util.find_spec("wandb") is not None,
+              "log.wandb needs the wandb package: pip install wandb")
 
     def peak_lr(self) -> float:
         return self.optim.peak_lr(self.batch.global_batch)

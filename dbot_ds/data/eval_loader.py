@@ -28,8 +28,9 @@ def center_crop(data: bytes, size: int, crop_ratio: float = 0.875) -> torch.Tens
 class LabelledShards(IterableDataset):
     """Shard i goes to (rank, worker) slot i mod (world x workers): every sample once overall."""
 
-    def __init__(self, manifest_path: str, size: int, rank: int = 0, world: int = 1):
+    def __init__(self, manifest_path: str, size: int, rank: int = 0, world: int = 1, pipe_urls: bool = False):
         self.manifest, self.size, self.rank, self.world = read_manifest(manifest_path), size, rank, world
+        self.urls = self.manifest.urls(pipe_urls)
 
     def __len__(self) -> int:
         return self.manifest.total
@@ -38,13 +39,13 @@ class LabelledShards(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * workers + worker, self.world * workers
-        for i, url in enumerate(self.manifest.urls()):
+        for i, url in enumerate(self.urls):
             if i % slots == slot:
                 for s in iter_shard_samples(url):
                     yield center_crop(s[IMAGE_KEY], self.size), int(s[LABEL_KEY])
 
 
 def labelled_loader(manifest_path: str, size: int, batch: int = 256, workers: int = 4,
-                    rank: int = 0, world: int = 1) -> DataLoader:
-    return DataLoader(LabelledShards(manifest_path, size, rank, world), batch_size=batch, num_workers=workers,
+                    rank: int = 0, world: int = 1, pipe_urls: bool = False) -> DataLoader:
+    return DataLoader(LabelledShards(manifest_path, size, rank, world, pipe_urls), batch_size=batch, num_workers=workers,
                       pin_memory=torch.cuda.is_available())

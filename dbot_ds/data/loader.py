@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
 
 from dbot_ds.config import ConfigError, FinetuneConfig, RunConfig
 from dbot_ds.data.device_decode import collate_jpegs
@@ -72,10 +72,11 @@ def generated_size(cfg: RunConfig) -> int:
 
 
 def shard_source(spec: str) -> dict:
-    """A manifest.json (exact epochs), or brace patterns / `a::b` lists / pipe: URLs (resampled)."""
+    """A manifest.json (exact epochs), or brace patterns / `a::b` lists / pipe: URLs (resampled:
+    typed by the user, so pipe: runs)."""
     if spec.endswith(".json"):
         return {"manifest": read_manifest(spec)}
-    return {"urls": [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]}
+    return {"urls": expand_urls(spec)}
 
 
 def pretrain_loader(cfg: RunConfig, *, rank: int, world: int, accum: int, device: torch.device,
@@ -95,7 +96,7 @@ def pretrain_loader(cfg: RunConfig, *, rank: int, world: int, accum: int, device
     stream = ShardStream(**shard_source(shards or d.shards), epoch_samples=d.epoch_samples or None, **common,
                          crop=cfg.model.img_size, scale=d.crop_scale, hflip=d.hflip, decode=d.decode,
                          jitter=d.color_jitter, shuffle_buffer=d.shuffle_buffer, max_bad_fraction=d.max_bad_fraction,
-                         verify=d.verify)
+                         verify=d.verify, pipe_urls=d.pipe_urls)
     # device decode: encoded bytes, read by the decoder from host memory: nothing to pin
     extra = dict(collate_fn=collate_jpegs, pin=False) if d.decode == "device" else {}
     return ResumableLoader(_dataloader(stream, micro, d.num_workers, **extra), stream, **place)
@@ -107,7 +108,8 @@ def classify_loader(cfg: FinetuneConfig, *, size: int, rank: int, world: int, ac
     a = cfg.augment
     stream = ShardStream(manifest=read_manifest(cfg.data.train), rank=rank, world=world, micro=cfg.batch.micro_batch,
                          accum=accum, seed=cfg.seed, crop=size, scale=(0.08, 1.0), hflip=True,
-                         sample_fn=ClassifySample(size, a.randaug, a.reprob, a.remode), verify=cfg.data.verify)
+                         sample_fn=ClassifySample(size, a.randaug, a.reprob, a.remode), verify=cfg.data.verify,
+                         pipe_urls=cfg.data.pipe_urls)
     # timm's transforms draw from the global generators: in this process (no workers) they must
     # run between the training steps, not on a prefetch thread beside them
     return ResumableLoader(_dataloader(stream, cfg.batch.micro_batch, cfg.data.num_workers), stream, accum=accum,
@@ -115,8 +117,9 @@ def classify_loader(cfg: FinetuneConfig, *, size: int, rank: int, world: int, ac
 
 
 def labelled_batches(manifest: str, *, size: int, rank: int, world: int, workers: int, device: torch.device,
-                     dtype: torch.dtype, batch: int = 128):
+                     dtype: torch.dtype, batch: int = 128, pipe_urls: bool = False):
     """Evaluation: every sample of a labelled shard set once (this rank's share), centre-cropped,
     as (normalised images [B, 3, H, W] in dtype, labels [B]) on the device."""
-    for imgs, labels in labelled_loader(manifest, size, batch=batch, workers=workers, rank=rank, world=world):
+    for imgs, labels in labelled_loader(manifest, size, batch=batch, workers=workers, rank=rank, world=world,
+                                        pipe_urls=pipe_urls):
         yield normalize_on_device(imgs, device, dtype), labels.to(device, non_blocking=True)

@@ -89,11 +89,11 @@ class ShardStream(IterableDataset):
                  epoch_samples: int | None = None, rank: int, world: int, micro: int, accum: int,
                  seed: int, crop: int, scale: tuple[float, float], hflip: bool,
                  shuffle_buffer: int = 1000, max_bad_fraction: float = 0.01, decode: str = "cpu",
-                 jitter: float = 0.0, sample_fn=None, verify: str = "size"):
+                 jitter: float = 0.0, sample_fn=None, verify: str = "size", pipe_urls: bool = False):
         if manifest is None and not epoch_samples:
             raise ShardError("shards without a manifest stream in resampled mode and need "
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
-        self.manifest, self.urls = manifest, urls or (manifest.urls() if manifest else [])
+        self.manifest, self.urls = manifest, urls or (manifest.urls(pipe_urls) if manifest else [])
         self.infos = dict(zip(self.urls, manifest.shards)) if manifest else {}
         self.verify = verify  # "size": a stat per shard opened; "sha256": also hashed as it streams
         self.exact = manifest is not None and not epoch_samples

@@ -4,15 +4,19 @@ A sample is three tar members sharing a key: `<key>.jpg` (JPEG bytes), `<key>.cl
 label as text) and `<key>.json` (wnid, original file name, width, height): the layout of the
 public timm/imagenet-1k-wds shards. A manifest (JSON) lists every shard with its sample count,
 byte size and sha256, plus the class index, so the loader can account for an epoch exactly.
+Shards are named by a path beside the manifest (in its folder or below), by URL (https://,
+pipe:...), or by a name its `url_template` turns into a URL (e.g. "pipe:aws s3 cp
+s3://bucket/{name} -"): object stores stream through webdataset's gopen like local files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import tarfile
 from pathlib import Path
+
+import webdataset as wds
 
 from dbot_ds.errors import UserError
 from dbot_ds.files import atomic_write, stays_inside
@@ -23,6 +27,11 @@ IMAGE_KEY, LABEL_KEY, META_KEY = "jpg", "cls", "json"
 
 class ShardError(UserError, RuntimeError):
     """A missing, corrupt or inconsistent shard set."""
+
+
+def is_url(name: str) -> bool:
+    """A shard named by URL (pipe:, https://, s3://, ...) rather than by a path beside its manifest."""
+    return name.startswith("pipe:") or "://" in name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +53,24 @@ class Manifest:
     def total(self) -> int:
         return sum(s.samples for s in self.shards)
 
-    def urls(self) -> list[str]:
-        return [str(self.root / s.name) for s in self.shards]
+    def url_of(self, name: str) -> str:
+        """A shard's URL: its name if that is a URL, else the manifest's url_template filled with
+        it, else the path beside the manifest."""
+        if is_url(name):
+            return name
+        template = self.extra.get("url_template")
+        return template.format(name=name) if template else str(self.root / name)
+
+    def urls(self, pipe_urls: bool = False) -> list[str]:
+        """Every shard's URL. `pipe:` URLs run a shell command to fetch a shard: a manifest is
+        data, so they are refused unless the user allows them (pipe_urls)."""
+        urls = [self.url_of(s.name) for s in self.shards]
+        piped = [u for u in urls if u.startswith("pipe:")]
+        if piped and not pipe_urls:
+            raise ShardError(f"the manifest in {self.root} fetches shards by running shell commands ({piped[0]}): "
+                             "allow that only for a manifest you trust, with data.pipe_urls=true (the shard "
+                             "tools: --pipe-urls)")
+        return urls
 
     def to_json(self) -> dict:
         return {"format": MANIFEST_FORMAT, "total": self.total, "classes": self.classes,
@@ -66,7 +91,8 @@ def read_manifest(path: str | Path) -> Manifest:
     except (KeyError, TypeError) as e:
         raise ShardError(f"{path}: not a valid manifest ({type(e).__name__}: {e}); remake it with "
                          "`dbot-ds shards index` or `dbot-ds shards convert`") from e
-    outside = [s.name for s in shards if not stays_inside(path.parent, s.name)]
+    local = [s.name for s in shards if not is_url(s.name)] if "url_template" not in data else []
+    outside = [name for name in local if not stays_inside(path.parent, name)]
     if outside:
         raise ShardError(f"{path} names shards outside its own folder ({', '.join(outside[:3])}): a manifest "
                          "lists shards in its folder or below; move it there and re-index")
@@ -78,24 +104,17 @@ def write_manifest(manifest: Manifest, path: str | Path) -> None:
     atomic_write(Path(path), (json.dumps(manifest.to_json(), indent=1) + "\n").encode())
 
 
-def sample_members(key: str, jpeg: bytes, label: int, meta: dict) -> list[tuple[str, bytes]]:
+def sample_record(key: str, jpeg: bytes, label: int, meta: dict) -> dict:
+    """One sample as webdataset's writer takes it: {"__key__", "jpg", "cls", "json"} as bytes."""
     if "." in key or "/" in key:
         raise ValueError(f"sample key {key!r} may contain neither '.' nor '/'")
-    return [(f"{key}.{IMAGE_KEY}", jpeg), (f"{key}.{LABEL_KEY}", str(label).encode()),
-            (f"{key}.{META_KEY}", json.dumps(meta, sort_keys=True).encode())]
+    return {"__key__": key, IMAGE_KEY: jpeg, LABEL_KEY: str(label).encode(),
+            META_KEY: json.dumps(meta, sort_keys=True).encode()}
 
 
-class DeterministicTarWriter:
-    """Writes members with fixed metadata (mtime 0, root, 0644): the same samples always give
-    the same bytes, so a resumed conversion reproduces an uninterrupted one exactly."""
-
-    def __init__(self, path: Path):
-        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
-
-    def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
-        self.tar.addfile(info, io.BytesIO(data))
-
-    def close(self) -> None:
-        self.tar.close()
+def shard_writer(path: str | Path) -> wds.TarWriter:
+    """webdataset's TarWriter with every member's metadata fixed (mtime 0, no owner names, 0644,
+    ustar): the same samples always give the same bytes, so a resumed conversion reproduces an
+    uninterrupted one exactly."""
+    return wds.TarWriter(str(path), user="", group="", mode=0o644, mtime=0, encoder=False,
+                         format=tarfile.USTAR_FORMAT)

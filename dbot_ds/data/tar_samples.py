@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+
+class Checksum:
+    """The sha256 and byte count of a stream, fed as it is read."""
+
+    def __init__(self):
+        self.sha, self.size = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
 
 
 class HashingReader:

@@ -23,7 +23,7 @@ def timm_kwargs(arch: dict) -> dict:
               "depth": arch["depth"], "num_heads": arch["heads"], "mlp_ratio": arch["mlp_ratio"], "num_classes": 0}
     if arch.get("family") == "beit":
         return {**kwargs, "global_pool": "", "use_abs_pos_emb": False, "use_shared_rel_pos_bias": True,
-                "init_values": arch["layer_scale"]}
+                "use_rel_pos_bias": False, "init_values": arch["layer_scale"]}
     if arch.get("pre_norm"):
         kwargs["pre_norm"] = True
     return kwargs
@@ -50,7 +50,7 @@ def build_classifier(encoder: nn.Module, num_classes: int, drop_path: float, hea
         from timm.models.beit import Beit
 
         model = Beit(**{**timm_kwargs(arch.to_dict()), "num_classes": num_classes, "global_pool": "avg",
-                        "use_shared_rel_pos_bias": False}, use_rel_pos_bias=True, drop_path_rate=drop_path,
+                        "use_shared_rel_pos_bias": False, "use_rel_pos_bias": True}, drop_path_rate=drop_path,
                      head_init_scale=0.001)
         shared = state.pop("rel_pos_bias.relative_position_bias_table")
         state.update({f"blocks.{i}.attn.relative_position_bias_table": shared.clone() for i in range(arch.depth)})

@@ -37,8 +37,10 @@ def fresh_student(cfg: RunConfig, stage: int, target_width: int) -> Student:
     """Built from (seed, stage) alone, with the global RNG untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "student", stage))
-        return Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), target_width,
-                       cfg.model.resolved_drop_path())
+        student = Student(cfg.model.encoder_arch(), cfg.model.decoder_arch(), target_width,
+                          cfg.model.resolved_drop_path())
+    student.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return student
 
 
 def keep_weights(student: Student, previous: dict[str, torch.Tensor], stage: int) -> Student:

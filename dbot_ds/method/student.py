@@ -39,6 +39,12 @@ class Student(nn.Module):
             if self.decoder is None:
                 nn.init.normal_(self.mask_token, std=0.02)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per transformer block of the encoder and the decoder."""
+        self.encoder.set_grad_checkpointing(enable)
+        if self.decoder is not None:
+            self.decoder.grad_checkpointing = enable
+
     def fixed_buffers(self) -> dict[str, torch.Tensor]:
         out = {f"encoder.{k}": v for k, v in self.encoder.fixed_buffers().items()}
         if self.decoder is not None:

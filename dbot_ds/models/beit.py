@@ -17,7 +17,7 @@ from timm.models.beit import Block as TimmBeitBlock
 from timm.models.beit import RelativePositionBias
 
 from dbot_ds.models.sizes import ViTArch
-from dbot_ds.models.vit import drop_path_rates, layer_norm
+from dbot_ds.models.vit import drop_path_rates, layer_norm, run_blocks
 
 INIT_STD = 0.02
 
@@ -70,7 +70,11 @@ class BeitViT(nn.Module):
                   norm_layer=layer_norm, init_values=arch.layer_scale)
             for rate in drop_path_rates(drop_path, arch.depth)])
         self.norm = layer_norm(arch.width)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
 
     def reset_parameters(self) -> None:
         init_beit_style(self)
@@ -107,8 +111,7 @@ class BeitViT(nn.Module):
         """tokens [B, N, D] -> [B, 1+N, D]."""
         x = self.block_input(tokens, ids_keep)
         bias = self.rel_pos_bias()  # [heads, 1+N, 1+N]
-        for block in self.blocks:
-            x = block(x, shared_rel_pos_bias=bias)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing, shared_rel_pos_bias=bias)
         return self.norm(x) if final_norm else x
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,

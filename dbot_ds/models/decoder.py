@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dbot_ds.models.pos_embed import sincos_2d
-from dbot_ds.models.vit import init_mae_style, layer_norm, transformer_blocks
+from dbot_ds.models.vit import init_mae_style, layer_norm, run_blocks, transformer_blocks
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +38,7 @@ class Decoder(nn.Module):
         self.register_buffer("pos_embed", sincos_2d(arch.width, grid))  # [1, 1+N, Dd]
         self.blocks = transformer_blocks(arch.width, arch.depth, arch.heads, arch.mlp_ratio, drop_path)
         self.norm = layer_norm(arch.width)
+        self.grad_checkpointing = False
         init_mae_style(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -52,4 +53,4 @@ class Decoder(nn.Module):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
-        return self.norm(self.blocks(x))
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from timm.layers import PatchEmbed, QuickGELU
 from timm.models.vision_transformer import Block
@@ -32,6 +33,18 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic depth rising linearly from 0 to `rate` over `depth` blocks: torch.linspace, as
     timm, MAE and the authors compute it (the same floats)."""
     return torch.linspace(0, rate, depth, device="cpu").tolist()  # cpu: also under a meta-device context
+
+
+def run_blocks(blocks, x: torch.Tensor, checkpointed: bool = False, **kw) -> torch.Tensor:
+    """x through each block; with `checkpointed` (and autograd recording) each block's
+    activations are recomputed in the backward instead of kept (the same numbers: the RNG
+    state of drop path is replayed)."""
+    for block in blocks:
+        if checkpointed and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kw)
+        else:
+            x = block(x, **kw)
+    return x
 
 
 def transformer_blocks(width: int, depth: int, heads: int, mlp_ratio: float,
@@ -64,7 +77,12 @@ class ViT(nn.Module):
         self.norm = norm(arch.width)
         # CLIP's visual projection (imported CLIP teachers only): the CLIP recipe's target width
         self.proj = nn.Linear(arch.width, arch.proj_dim, bias=False) if arch.proj_dim else None
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward (timm's switch of the same name)."""
+        self.grad_checkpointing = enable
 
     def reset_parameters(self) -> None:
         init_mae_style(self)
@@ -100,7 +118,7 @@ class ViT(nn.Module):
     def encode(self, tokens: torch.Tensor, ids_keep: torch.Tensor | None = None,
                final_norm: bool = True) -> torch.Tensor:
         """tokens [B, N, D] (+ ids_keep [B, K]) -> [B, 1+K, D] (K = N without ids_keep)."""
-        x = self.blocks(self.block_input(tokens, ids_keep))
+        x = run_blocks(self.blocks, self.block_input(tokens, ids_keep), self.grad_checkpointing)
         return self.norm(x) if final_norm else x
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,

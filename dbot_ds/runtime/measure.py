@@ -110,3 +110,21 @@ def peak_memory_gb(device) -> tuple[float, float | None]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, None
+
+
+def saved_activation_bytes(module: torch.nn.Module, fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward while fn() runs, the module's own
+    parameters left out: the activation memory of a step, on any device."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out  # the graph and what it saved go with it
+    return sum(storages.values())

@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dbot_ds.config import ConfigError
+
 
 class LossWindow:
-    """Micro-batch losses summed on the device between log lines: reading the mean is the
-    loop's only host synchronisation, once per log interval."""
+    """What the loop sees between log lines: micro-batch losses summed on the device (reading the
+    mean is the loop's only host synchronisation, once per log interval), the host's time spent
+    waiting for data, and DeepSpeed's skipped-step count when the window opened."""
 
-    def __init__(self, device: torch.device, step: int):
+    def __init__(self, device: torch.device, step: int, skipped: int = 0):
         self.device = device
-        self.restart(step)
+        self.restart(step, skipped)
 
-    def restart(self, step: int) -> None:
+    def restart(self, step: int, skipped: int = 0) -> None:
         self.loss_sum, self.count = torch.zeros((), device=self.device), 0
-        self.step, self.time = step, time.time()
+        self.step, self.time, self.data_wait, self.skipped_at_start = step, time.time(), 0.0, skipped
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.count += 1
+
+    def data_wait_per_step(self, step: int) -> float:
+        return self.data_wait / max(step - self.step, 1)
 
     def mean(self, world_size: int) -> float:
         """The mean loss over every rank's micro-batches since the window opened (one all-reduce
@@ -39,24 +46,51 @@ class LossWindow:
 
 
 class MetricsLog:
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+    """Rank 0's sinks, every record under the same names in each: <run>/metrics.jsonl,
+    TensorBoard in <run>/tb, and Weights & Biases when a project is given (its run id kept in the
+    run directory, so a requeued job goes on logging to the same W&B run)."""
 
-            self.file = open(out / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(out / "tb"))
+    def __init__(self, out: Path, enabled: bool, wandb_project: str = "", config: dict | None = None):
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.file = open(out / "metrics.jsonl", "a")
+        self.tb = SummaryWriter(str(out / "tb"))
+        if wandb_project:
+            self.wandb = start_wandb(out, wandb_project, config or {})
 
     def log(self, record: dict, global_step: int) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for k, v in record.items():
-            if isinstance(v, float):
-                self.tb.add_scalar(f"train/{k}", v, global_step)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k, v in numbers.items():
+            self.tb.add_scalar(k, v, global_step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=global_step)
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+WANDB_ID = "wandb_id"  # in the run directory: the W&B run this run directory logs to
+
+
+def start_wandb(out: Path, project: str, config: dict):
+    """A W&B run for this run directory: a new id the first time, the same id (resume="allow")
+    after a requeue or resubmission. WANDB_MODE=offline writes it under <run>/wandb."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("log.wandb needs the wandb package: pip install wandb") from e
+    id_file = out / WANDB_ID
+    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+    id_file.write_text(run_id + "\n")
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), name=out.name, config=config)

@@ -77,7 +77,8 @@ def start_session(cfg: TrainingConfig, run: RunDir, fresh: bool) -> Iterator[Ses
             if fresh:
                 set_aside_old_metrics(run)
             run.write_configs(cfg.to_dict(), ds_config)
-        session = Session(world, device, ds_config, StopSignal(device), MetricsLog(run.root, world.is_main))
+        log = MetricsLog(run.root, world.is_main, cfg.log.wandb, cfg.to_dict())
+        session = Session(world, device, ds_config, StopSignal(device), log)
         try:
             yield session
         finally:

@@ -1,19 +1,21 @@
 """One training loop for pre-training and fine-tuning; what differs is the task (method/tasks.py).
 
 The loop owns everything the two share: the lr schedule (linear warm-up, cosine to min_lr), the
-per-micro-step seeding (torch's, numpy's and python's generators from (seed, task, stage, step,
+per-micro-step seeding (torch's, numpy's and python's generators from (seed, stage, step,
 micro-step, rank): a resumed run replays every random draw), the accumulation boundary, the loss
-window and the log lines, evaluation at epoch ends, the stop poll (preemption), checkpoint
-cadence and resume. The loader (data/loader.py) hands it device-ready micro-batches from any
-step on; the task computes the loss; the engine (DeepSpeed, or the benchmark's plain loop)
-does backward and step. There is no host synchronisation in a step: the loss is summed on the
-device and read once per log line.
+window and the log lines (loss, lr, grad norm, skipped steps, images/s, data wait), evaluation at
+epoch ends, the divergence guard, the stop poll (preemption), checkpoint cadence, resume (also on
+another number of ranks or workers) and the profiler window. The loader (data/loader.py) hands it
+device-ready micro-batches from any step on; the task computes the loss; the engine (DeepSpeed,
+or the benchmark's plain loop) does backward and step. There is no host synchronisation in a
+step: the loss is summed on the device and read once per log line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from dbot_ds.method.tasks import no_phases
 from dbot_ds.runtime import checkpoint
 from dbot_ds.runtime.engine import gather, set_lr
 from dbot_ds.runtime.metrics import LossWindow
+from dbot_ds.runtime.profiling import StepProfiler, profiled
 from dbot_ds.runtime.schedule import lr_at
 from dbot_ds.runtime.session import Session
 from dbot_ds.seeding import derive_seed, seed_everything
@@ -135,50 +138,62 @@ class Trainer:
                 step = back.step
 
     def _fit(self, step: int) -> Outcome:
-        cfg, spe, total = self.cfg, self.loader.steps_per_epoch, self.total
-        warmup, peak = round(cfg.optim.warmup_epochs * spe), cfg.peak_lr()
-        every = cfg.checkpoint.every_steps or spe
-        window, preempted = LossWindow(self.engine.device, step), False
-        skipped_before = skipped_steps(self.engine)
+        cfg, total = self.cfg, self.total
+        warmup = round(cfg.optim.warmup_epochs * self.loader.steps_per_epoch)
+        window = LossWindow(self.engine.device, step, skipped_steps(self.engine))
+        profiler = StepProfiler(cfg.profile.window(), cfg.profile.memory, self.run.profile, self.world.rank,
+                                self.engine.device)
         bar = tqdm(total=total, initial=step, desc=f"{self.task.name} stage {self.stage}/{self.plan.num_stages}",
                    disable=not self.world.is_main, dynamic_ncols=True)
+        earlier = self.layouts if self.data_epoch(step) == self.layouts_epoch else []
         try:
-            earlier = self.layouts if self.data_epoch(step) == self.layouts_epoch else []
-            for at, micro, batch in self.loader.batches(step, total, offset=self.data_skip, earlier=earlier):
-                lr = lr_at(at, total, warmup, peak, cfg.optim.min_lr)
-                set_lr(self.engine, lr)
-                seed_everything(derive_seed(cfg.seed, "step", self.stage, at, micro, self.world.rank))
-                window.add(micro_step(self.task, self.engine, batch))
-                if micro < self.accum - 1:
-                    continue
-                step = at + 1
-                self.task.after_step(self.engine, step, total, gather(self.engine))
-                bar.update(1)
-                if step % PREEMPT_POLL_EVERY == 0 and self.stop.poll():
-                    preempted = True
-                asked_to_stop = self.stop_requested(step)
-                stopping = preempted or asked_to_stop
-                # evaluated at epoch ends, at the end and at stop_at_step (a preempted job has no time)
-                evaluation = self.task.evaluate(self.engine) if step % spe == 0 or step == total or \
-                    asked_to_stop else None
-                logging = evaluation is not None or step % cfg.log_every == 0 or step == total
-                saving = stopping or step == total or step % every == 0
-                if logging or saving:  # a host sync here already: check the run's health first
-                    loss, skipped = window.mean(self.world.size), skipped_steps(self.engine) - skipped_before
-                    self.check_health(step, loss, skipped, window.step)
-                if logging:
-                    self.record(bar, step, lr, loss, window.steps_per_s(step), skipped, evaluation or {})
-                    window.restart(step)
-                    skipped_before += skipped
-                if saving:
-                    self.save(step)
-                if stopping:
-                    if preempted and self.world.is_main:
-                        print(f"preempted: checkpoint saved at stage {self.stage} step {step}", flush=True)
-                    return Outcome(step, step == total, preempted, True)
+            with profiled(profiler):
+                waited = time.perf_counter()
+                for at, micro, batch in self.loader.batches(step, total, offset=self.data_skip, earlier=earlier):
+                    window.data_wait += time.perf_counter() - waited
+                    if micro == 0:
+                        profiler.before(self.plan.global_step(self.stage, at))
+                    lr = lr_at(at, total, warmup, cfg.peak_lr(), cfg.optim.min_lr)
+                    set_lr(self.engine, lr)
+                    seed_everything(derive_seed(cfg.seed, "step", self.stage, at, micro, self.world.rank))
+                    window.add(micro_step(self.task, self.engine, batch, profiler.phases() or no_phases))
+                    if micro == self.accum - 1:
+                        step = at + 1
+                        profiler.after(self.plan.global_step(self.stage, step))
+                        outcome = self.after_step(step, lr, window, bar)
+                        if outcome is not None:
+                            return outcome
+                    waited = time.perf_counter()
         finally:
             bar.close()
         return Outcome(step, step == total, False, self.stop_requested(step))
+
+    def after_step(self, step: int, lr: float, window: LossWindow, bar) -> Outcome | None:
+        """After optimizer step `step`: the task's update, the stop poll, evaluation, the health
+        check, the log line and the checkpoint; an Outcome when the loop stops here."""
+        cfg, total, spe = self.cfg, self.total, self.loader.steps_per_epoch
+        self.task.after_step(self.engine, step, total, gather(self.engine))
+        bar.update(1)
+        preempted = step % PREEMPT_POLL_EVERY == 0 and self.stop.poll()
+        asked_to_stop = self.stop_requested(step)
+        stopping = preempted or asked_to_stop
+        # evaluated at epoch ends, at the end and at stop_at_step (a preempted job has no time)
+        evaluation = self.task.evaluate(self.engine) if step % spe == 0 or step == total or asked_to_stop else None
+        logging = evaluation is not None or step % cfg.log_every == 0 or step == total
+        saving = stopping or step == total or step % (cfg.checkpoint.every_steps or spe) == 0
+        if logging or saving:  # a host sync here already: check the run's health first
+            loss, skipped = window.mean(self.world.size), skipped_steps(self.engine) - window.skipped_at_start
+            self.check_health(step, loss, skipped, window.step)
+        if logging:
+            self.record(bar, step, lr, loss, skipped, window, evaluation or {})
+            window.restart(step, skipped_steps(self.engine))
+        if saving:
+            self.save(step)
+        if stopping:
+            if preempted and self.world.is_main:
+                print(f"preempted: checkpoint saved at stage {self.stage} step {step}", flush=True)
+            return Outcome(step, step == total, preempted, True)
+        return None
 
     def check_health(self, step: int, loss: float, skipped: int, since: int) -> None:
         """A non-finite loss, or too many skipped steps, since step `since`: roll back or stop."""
@@ -216,13 +231,14 @@ class Trainer:
     def stop_requested(self, step: int) -> bool:
         return bool(self.cfg.stop_at_step) and self.plan.global_step(self.stage, step) >= self.cfg.stop_at_step
 
-    def record(self, bar, step: int, lr: float, loss: float, steps_per_s: float, skipped: int,
+    def record(self, bar, step: int, lr: float, loss: float, skipped: int, window: LossWindow,
                evaluation: dict) -> None:
         grad_norm = self.engine.get_global_grad_norm()
         record = {"stage": self.stage, "epoch": step / self.loader.steps_per_epoch, "step": step,
                   "global_step": self.plan.global_step(self.stage, step), "loss": loss, "lr": lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": skipped,
-                  "images_per_s": steps_per_s * self.cfg.batch.global_batch, **evaluation}
+                  "images_per_s": window.steps_per_s(step) * self.cfg.batch.global_batch,
+                  "data_wait_s": window.data_wait_per_step(step), **evaluation}
         self.log.log(record, record["global_step"])
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                         **({"top1": f"{100 * evaluation['top1']:.1f}"} if "top1" in evaluation else {}))

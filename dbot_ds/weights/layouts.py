@@ -13,6 +13,7 @@ normalised with CLIP's mean/std and sees them so; every other teacher ImageNet's
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -136,6 +137,12 @@ def file_heads(path: Path) -> int | None:
         return None
     with safe_open(str(path), "pt") as f:
         value = (f.metadata() or {}).get(HEADS_KEY)
+    if value is None:  # a timm model directory (save_for_hf) states it in config.json
+        config = path.parent / "config.json"
+        try:
+            value = json.loads(config.read_text()).get("model_args", {}).get("num_heads") if config.is_file() else None
+        except (OSError, json.JSONDecodeError, AttributeError):
+            value = None
     if value is not None and not str(value).isdigit():
         raise ExportError(f"{path}: its metadata gives {HEADS_KEY}={value!r}, not a count")
     return int(value) if value else None
@@ -185,20 +192,28 @@ def input_norm_of(arch: ViTArch) -> str:
 def import_teacher(path: str | Path, heads: int | None = None) -> tuple[nn.Module, dict]:
     """Build a ViT from a weights file; report what was mapped, converted and ignored, and the
     input normalisation the teacher was trained with."""
-    state, layout, renamed, ignored = to_timm(unwrap(read_weights(path)))
-    arch = infer_arch(state, layout, heads or file_heads(Path(path)))
+    return encoder_from_state(read_weights(path), str(path), heads or file_heads(Path(path)))
+
+
+def encoder_from_state(sd: dict, source: str, heads: int | None = None,
+                       input_norm: str | None = None) -> tuple[nn.Module, dict]:
+    """Our encoder from a state dict in any of the layouts above, loaded strictly; the report
+    says what was mapped, converted and ignored and the input normalisation (input_norm, else
+    the architecture's: CLIP's for a CLIP tower)."""
+    state, layout, renamed, ignored = to_timm(unwrap(sd))
+    arch = infer_arch(state, layout, heads)
     encoder = build_encoder(arch)
     own = set(encoder.state_dict())
     missing = sorted(own - set(state))
     if missing:
-        raise ExportError(f"{path} lacks weights the teacher needs: {', '.join(missing[:12])}"
+        raise ExportError(f"{source} lacks weights the teacher needs: {', '.join(missing[:12])}"
                           f"{' ...' if len(missing) > 12 else ''}")
     unexpected = sorted(set(state) - own)
     if unexpected:
-        raise ExportError(f"{path}: weights the {layout} teacher does not know: {', '.join(unexpected[:12])}")
-    load_fitting(encoder, state, str(path))
+        raise ExportError(f"{source}: weights the {layout} teacher does not know: {', '.join(unexpected[:12])}")
+    load_fitting(encoder, state, source)
     report = {"layout": layout, "mapped": len(state), "converted": len(renamed), "ignored": ignored,
-              "architecture": arch.to_dict(), "input_norm": input_norm_of(arch),
+              "architecture": arch.to_dict(), "input_norm": input_norm or input_norm_of(arch),
               "projection": arch.proj_dim}
     return encoder, report
 

@@ -7,7 +7,8 @@
     <run>/stage<k>/                     pre-training: stage exports (model.safetensors + meta.json)
     <run>/model.safetensors  metrics.json   fine-tuning: the classifier, its best and last evaluation
     <run>/data/                         generated shards (data.source=generated_shards)
-    <run>/logs/                         Slurm job logs
+    <run>/logs/                         Slurm job logs (and NCCL flight-recorder dumps)
+    <run>/profile/                      torch.profiler traces (profile.steps)
     <run>/.lock                         who is writing the run now (runtime/lock.py)
 """
 
@@ -54,6 +55,10 @@ class RunDir:
     @property
     def logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
 
     @property
     def lock(self) -> Path:

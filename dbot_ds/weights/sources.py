@@ -4,7 +4,9 @@
 - `teacher:<stage-1 export>`: the exact random teacher stage 1 distilled from, rebuilt from the
   export's config and checked against its teacher_sha256;
 - a weights file in a layout people have on disk (timm, DINO, MAE, OpenAI CLIP / open_clip,
-  `dbot-ds finetune`'s model.safetensors), read as data (layouts.py).
+  `dbot-ds finetune`'s model.safetensors), read as data (layouts.py);
+- `hf-hub:ORG/NAME`, `timm:NAME` or `local-dir:PATH`, resolved by timm and huggingface_hub
+  (offline from the local Hugging Face cache: hub.py).
 
 Pre-training, probe, finetune and analyze all load through here.
 """
@@ -21,6 +23,7 @@ from dbot_ds.input_norms import STUDENT_NORM
 from dbot_ds.method.teacher import TeacherWeights, check_fits, random_encoder, random_teacher_arch
 from dbot_ds.seeding import derive_seed
 from dbot_ds.weights.export import ExportError, encoder_from_export, read_meta, state_sha256
+from dbot_ds.weights.hub import import_hub, is_hub_source
 from dbot_ds.weights.layouts import import_teacher, resize_grid
 from dbot_ds.weights.rundir import RunDir
 
@@ -33,6 +36,8 @@ def load_encoder(source: str, heads: int | None = None) -> nn.Module:
         if teacher.identity != meta["teacher_sha256"]:
             raise ExportError(f"{source}: the rebuilt teacher does not match the export's teacher_sha256")
         return teacher.encoder
+    if is_hub_source(source):
+        return import_hub(source)[0]
     if Path(source).is_file():
         return import_teacher(source, heads)[0]
     return encoder_from_export(source)[0]
@@ -47,7 +52,10 @@ def initial_teacher(cfg: RunConfig, verbose: bool = True) -> TeacherWeights:
                                  derive_seed(cfg.seed, "random-teacher"))
         return TeacherWeights(encoder, state_sha256(encoder.state_dict()), STUDENT_NORM)
     source = Path(cfg.teacher.init)
-    if source.is_dir() or not source.exists():
+    if is_hub_source(cfg.teacher.init):
+        encoder, report = import_hub(cfg.teacher.init)
+        identity, source = state_sha256(encoder.state_dict()), cfg.teacher.init
+    elif source.is_dir() or not source.exists():
         encoder, meta = encoder_from_export(source)
         identity, report = meta["sha256"], {"layout": "dbot-ds export",
                                             "input_norm": meta.get("input_norm", STUDENT_NORM)}

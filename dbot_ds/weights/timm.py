@@ -1,55 +1,81 @@
-"""An export's encoder as timm weights: timm's key names, the kwargs that rebuild it (timm's
-VisionTransformer, or Beit for a recipe-⌘ student) and a model card."""
+"""An export's encoder as a timm model directory, the Hugging Face Hub way: timm's save_for_hf
+(config.json with the architecture and its arguments, model.safetensors) and a model card with
+YAML front matter (huggingface_hub's ModelCardData), so `timm.create_model("local-dir:OUT",
+pretrained=True)` or, once pushed, `timm.create_model("hf-hub:ORG/NAME", pretrained=True)` rebuilds
+it with no further arguments."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from dbot_ds.input_norms import INPUT_NORMS
 from dbot_ds.method.classifier import timm_kwargs
-from dbot_ds.weights.export import encoder_state, read_export
-from dbot_ds.weights.layouts import write_timm_weights
+from dbot_ds.weights.export import encoder_state, load_fitting, read_export
+
+# a registered timm architecture per family; the export's own sizes go in its model_args
+ARCHITECTURES = {"vit": "vit_base_patch16_224", "beit": "beit_base_patch16_224"}
+LICENSE = "apache-2.0"  # dbot-ds's own; what the pre-training data allows is the user's to state
+PAPER = "https://arxiv.org/abs/2209.10724"
 
 
-def timm_architecture(encoder: dict) -> tuple[str, str]:
-    """(timm class, a timm model name whose pretrained_cfg fits) for an encoder."""
-    if encoder.get("family") == "beit":
-        return "timm.models.beit.Beit", "beit_base_patch16_224"
-    return "timm.models.vision_transformer.VisionTransformer", "vit_base_patch16_224"
+def timm_model(meta: dict, state: dict):
+    """timm's model for the export's encoder (features only), holding its weights (strictly)."""
+    import timm
+
+    arch = meta["encoder"]
+    model = timm.create_model(ARCHITECTURES[arch.get("family", "vit")], pretrained=False, **timm_kwargs(arch))
+    load_fitting(model, encoder_state(state), "the export's encoder in timm's layout")
+    return model.eval()
 
 
-def model_card(meta: dict, kwargs: dict, metrics: dict | None) -> str:
+def model_card(meta: dict, kwargs: dict, metrics: dict | None, name: str) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
     cfg = meta.get("config", {})
     data = cfg.get("data", {})
-    _, timm_name = timm_architecture(meta["encoder"])
-    lines = [f"# dBOT ViT encoder (recipe `{meta['recipe']}`, stage {meta['stage']})", "",
-             "Pre-trained with dbot-ds: masked knowledge distillation with bootstrapped teachers.", "",
-             f"- architecture: ViT, width {kwargs['embed_dim']}, depth {kwargs['depth']}, heads "
-             f"{kwargs['num_heads']}, patch {kwargs['patch_size']}, {kwargs['img_size']} px",
-             f"- training: stage {meta['stage']}, {meta.get('epochs', '?')} epochs ({meta.get('steps')} steps), "
-             f"global batch {cfg.get('batch', {}).get('global_batch')}, mask ratio {cfg.get('mask', {}).get('ratio')}",
-             f"- data: {data.get('source')} {data.get('shards', '')}".rstrip(),
-             f"- teacher sha256: {meta.get('teacher_sha256')}", f"- weights sha256 (dbot-ds export): {meta['sha256']}",
-             "", "```python", "import timm",
-             f"model = timm.create_model('{timm_name}', pretrained=True, num_classes=0,",
-             "    pretrained_cfg_overlay=dict(file='model.safetensors'),",
-             f"    **{ {k: v for k, v in kwargs.items() if k != 'num_classes'} })", "```"]
+    card = ModelCardData(library_name="timm", license=LICENSE, pipeline_tag="image-feature-extraction",
+                         tags=["image-feature-extraction", "timm", "dbot", "masked-image-modeling"],
+                         datasets=["imagenet-1k"] if data.get("source") == "shards" else None,
+                         metrics=sorted(metrics) if metrics else None)
+    body = [f"# {name}", "",
+            f"A ViT encoder pre-trained with dbot-ds (dBOT, masked knowledge distillation with bootstrapped "
+            f"teachers, [paper]({PAPER})): recipe `{meta['recipe']}`, stage {meta['stage']}.", "",
+            "## Model Details", "",
+            f"- architecture: {ARCHITECTURES[meta['encoder'].get('family', 'vit')]} with width {kwargs['embed_dim']}, "
+            f"depth {kwargs['depth']}, {kwargs['num_heads']} heads, patch {kwargs['patch_size']}, {kwargs['img_size']} px",
+            f"- training: {meta.get('epochs', '?')} epochs ({meta.get('steps')} steps), global batch "
+            f"{cfg.get('batch', {}).get('global_batch')}, mask ratio {cfg.get('mask', {}).get('ratio')}",
+            f"- data: {data.get('source')} {data.get('shards', '')}".rstrip(),
+            f"- teacher sha256: {meta.get('teacher_sha256')}",
+            f"- weights sha256 (the dbot-ds export): {meta['sha256']}", "",
+            "## Usage", "", "```python", "import timm",
+            f"model = timm.create_model('hf-hub:ORG/{name}', pretrained=True)  # or 'local-dir:PATH'",
+            "features = model.forward_features(images)  # normalised as pretrained_cfg's mean / std", "```"]
     if metrics:
-        lines += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]
-    return "\n".join(lines) + "\n"
+        body += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]
+    return str(ModelCard(f"---\n{card.to_yaml()}\n---\n" + "\n".join(body) + "\n"))
 
 
 def export_timm(source: str | Path, out: str | Path, metrics: dict | None = None) -> Path:
-    """An export's encoder weights with timm's key names, a config and a model card: loadable
-    with timm.create_model(..., pretrained=True, pretrained_cfg_overlay=dict(file=...), **kwargs)."""
+    """The export's encoder as a timm model directory (see above); returns the directory."""
+    from timm.models import save_for_hf
+
     state, meta = read_export(source)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_timm_weights(out / "model.safetensors", encoder_state(state), meta["encoder"]["heads"],
-                       source_sha256=meta["sha256"])
-    kwargs = timm_kwargs(meta["encoder"])
-    (out / "timm_config.json").write_text(json.dumps(
-        {"architecture": timm_architecture(meta["encoder"])[0], "kwargs": kwargs, "stage": meta["stage"],
-         "recipe": meta["recipe"], "source_sha256": meta["sha256"]}, indent=2) + "\n")
-    (out / "README.md").write_text(model_card(meta, kwargs, metrics))
-    return out / "model.safetensors"
+    mean, std = INPUT_NORMS[meta.get("input_norm", "imagenet")]
+    pretrained_cfg = {"mean": mean, "std": std, "tag": f"dbot_{meta['recipe']}_stage{meta['stage']}",
+                      "license": LICENSE, "interpolation": "bicubic", "crop_pct": 0.875}
+    save_for_hf(timm_model(meta, state), str(out), model_config={"pretrained_cfg": pretrained_cfg},
+                safe_serialization=True)
+    (out / "README.md").write_text(model_card(meta, timm_kwargs(meta["encoder"]), metrics, out.name))
+    return out
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a model directory with huggingface_hub (the token from `huggingface-cli login` or
+    HF_TOKEN); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return str(api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Add a dbot-ds encoder"))

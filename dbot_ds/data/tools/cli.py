@@ -48,7 +48,7 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from dbot_ds.data.tools.verify import verify
 
-    problems = verify(args.manifest)
+    problems = verify(args.manifest, pipe_urls=args.pipe_urls)
     for p in problems:
         print(p)
     print("OK" if not problems else f"{len(problems)} problem(s)")
@@ -58,17 +58,21 @@ def cmd_verify(args) -> int:
 def cmd_inspect(args) -> int:
     from dbot_ds.data.tools.verify import inspect
 
-    print(inspect(args.manifest, args.n))
+    print(inspect(args.manifest, args.n, pipe_urls=args.pipe_urls))
     return 0
 
 
 def cmd_index(args) -> int:
     from dbot_ds.data.tools.verify import index
 
-    paths = sorted(p for pattern in args.shards for p in glob.glob(pattern))
-    if not paths:
+    from dbot_ds.data.shards import is_url
+
+    # URLs (and names for --url-template) as given; local patterns expanded
+    shards = sorted(s for pattern in args.shards
+                    for s in ([pattern] if args.url_template or is_url(pattern) else glob.glob(pattern)))
+    if not shards:
         raise SystemExit(f"no shard matches {args.shards}")
-    m = index(paths, args.out)
+    m = index(shards, args.out, url_template=args.url_template)
     print(f"{len(m.shards)} shards, {m.total} samples -> {args.out}")
     return 0
 
@@ -109,12 +113,15 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel shard writers")
     p.set_defaults(func=cmd_convert)
 
+    pipe = dict(action="store_true", help="allow the manifest's pipe: URLs (shell commands) to run")
     p = sub.add_parser("verify", help="counts, sha256 and every image against the manifest")
     p.add_argument("manifest")
+    p.add_argument("--pipe-urls", **pipe)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("inspect", help="a few samples and the class histogram")
     p.add_argument("manifest")
+    p.add_argument("--pipe-urls", **pipe)
     p.add_argument("-n", type=int, default=5)
     p.set_defaults(func=cmd_inspect)
 
@@ -133,9 +140,11 @@ def add_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     p.set_defaults(func=cmd_synthetic)
 
-    p = sub.add_parser("index", help="a manifest for existing shards (e.g. timm/imagenet-1k-wds)")
-    p.add_argument("shards", nargs="+", help="shard paths or glob patterns")
+    p = sub.add_parser("index", help="a manifest for existing shards, local or remote (e.g. timm/imagenet-1k-wds)")
+    p.add_argument("shards", nargs="+", help="shard paths or glob patterns, URLs (pipe:..., https://...), or "
+                   "names for --url-template")
     p.add_argument("--out", required=True, help="the manifest.json to write")
+    p.add_argument("--url-template", help='turns a shard name into its URL, e.g. "pipe:aws s3 cp s3://b/{name} -"')
     p.set_defaults(func=cmd_index)
 
 

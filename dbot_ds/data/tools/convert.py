@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dbot_ds.data.shards import Manifest, ShardError, ShardInfo, sample_record, shard_writer, write_manifest
 from dbot_ds.data.tools.sources import Item
-from dbot_ds.data.shards import (DeterministicTarWriter, Manifest, ShardError, ShardInfo, sample_members,
-                                 write_manifest)
 from dbot_ds.files import atomic_write, file_sha256
 
 JOURNAL = ".convert"
@@ -83,7 +82,7 @@ def write_shard(job: tuple[Path, str, list[Item], int | None]) -> dict:
     """Write one shard to a temporary name, rename it into place, then journal it."""
     out_dir, name, items, resize = job
     tmp = out_dir / f".{name}.partial"
-    writer = DeterministicTarWriter(tmp)
+    writer = shard_writer(tmp)
     reencoded, errors, samples = Counter(), [], 0
     for it in items:
         try:
@@ -95,8 +94,7 @@ def write_shard(job: tuple[Path, str, list[Item], int | None]) -> dict:
         if reason:
             reencoded[reason] += 1
         meta = {"wnid": it.wnid, "filename": it.filename, "width": width, "height": height}
-        for member, data in sample_members(it.key, jpeg, it.label, meta):
-            writer.add(member, data)
+        writer.write(sample_record(it.key, jpeg, it.label, meta))
         samples += 1
     writer.close()
     with open(tmp, "rb") as f:
