@@ -103,6 +103,23 @@ def test_skipped_steps_beyond_the_allowed_number_are_a_divergence_with_a_finite_
     assert records[0]["skipped_steps"] == 0 and records[0]["grad_norm"] > 0
 
 
+def test_an_optimizer_that_never_skips_writes_no_checkpoint_or_export_from_non_finite_weights(process_group, tmp_path):
+    """fp32 ZeRO-0 (torch's AdamW: no skipping) applies a NaN gradient under a finite loss; the
+    weights are checked before they are saved."""
+    ds = tmp_path / "zero0.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 0}, "bf16": {"enabled": False}}))
+    cfg = tiny_config(f"deepspeed={ds}", "stages.epochs=[1]", "checkpoint.every_steps=2", "log_every=100")
+    with pretraining(cfg, RunDir(tmp_path / "run")) as job:
+        task, engine = job.start(1)
+        # the last step's gradient: every loss of the window is finite, the weights saved at its end not
+        engine.module.head.weight.register_hook(lambda g: g * float("nan") if engine.global_steps == 3 else g)
+        with pytest.raises(Diverged, match="steps 0..4: non-finite weights; .*stage1-step00000002"):
+            job.trainer(task, engine, 1).fit()
+        engine.destroy()
+    steps = [checkpoint.read_state(c)["step"] for c in checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert steps == [2]
+
+
 def test_a_tolerated_skipped_step_is_logged_and_the_run_goes_on(process_group, tmp_path):
     cfg = tiny_config("stages.epochs=[1]", "log_every=1", "divergence.max_skipped_steps=1")
     with pretraining(cfg, RunDir(tmp_path)) as job:

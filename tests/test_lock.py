@@ -65,8 +65,9 @@ def test_a_lock_left_by_a_killed_process_on_this_host_is_taken_over(process_grou
 
 def test_which_locks_are_stale():
     here = lock.me()
-    assert lock.stale_reason({**here, "slurm_job": "77"}, {**here, "slurm_job": "77"}) == \
-        "it is this Slurm job (77), requeued"
+    job = {**here, "slurm_job": "77", "slurm_restart": 0}
+    assert lock.stale_reason(job, {**job, "slurm_restart": 1}) == "it is this Slurm job (77) before its requeue"
+    assert lock.stale_reason(job, job) is None  # a second live run inside the same allocation: refused
     assert "is gone" in lock.stale_reason({**here, "pid": dead_pid()}, here)
     assert lock.stale_reason(here, here) is None  # a live process: this one
     assert lock.stale_reason({"host": "elsewhere", "pid": 1, "slurm_job": None}, here) is None  # cannot tell
@@ -79,4 +80,11 @@ def test_a_live_holder_is_named_with_the_way_out(tmp_path):
     holder = json.loads(path.read_text())
     path.write_text(json.dumps({**holder, "host": "gpu-node-7", "pid": 4242}))
     with pytest.raises(lock.RunLocked, match=f"in use by pid 4242 on gpu-node-7 .* delete {path}"):
+        lock.acquire(path)
+
+
+def test_a_damaged_lock_file_is_named_not_guessed_stale(tmp_path):
+    path = tmp_path / ".lock"
+    path.write_text("{not json")
+    with pytest.raises(lock.RunLocked, match=f"names no holder .* delete {path}"):
         lock.acquire(path)

@@ -70,8 +70,16 @@ def test_a_profiler_window_leaves_a_trace_per_rank_naming_the_steps_phases(proce
     assert {"dbot_ds.teacher_forward", "dbot_ds.student_forward", "dbot_ds.backward", "dbot_ds.optimizer"} <= events
 
 
+def test_a_run_resumed_inside_the_profiler_window_still_traces_the_rest_of_it(process_group, tmp_path):
+    pretrain(tiny_config("stages.epochs=[1]", "stop_at_step=2"), tmp_path)
+    pretrain(tiny_config("stages.epochs=[1]", "profile.steps=1:4"), tmp_path)  # resumed at step 2
+    assert len(glob.glob(str(tmp_path / "profile" / "rank0*.pt.trace.json"))) == 1
+
+
 def test_a_profile_window_must_be_a_range_of_steps():
     from dbot_ds.config import ConfigError
 
     with pytest.raises(ConfigError, match="profile.steps '9:3': give A:B with 0 <= A < B"):
         tiny_config("profile.steps=9:3")
+    with pytest.raises(ConfigError, match="profile.memory records the steps of profile.steps: give both"):
+        tiny_config("profile.memory=true")

@@ -200,3 +200,15 @@ def test_a_resume_with_other_loader_workers_records_the_earlier_layout_of_the_ep
               for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")}
     assert states[7]["layouts"] == [[1, 2, 1]] and states[7]["num_workers"] == 1  # epoch 1: steps 4..7
     assert states[8]["layouts"] == []
+
+
+def test_a_fresh_run_in_a_used_directory_sets_the_earlier_run_aside_and_never_resumes_it(process_group, tmp_path):
+    pretrain(tiny_config("stages.epochs=[2]"), tmp_path)
+    earlier = [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")]
+    pretrain(tiny_config("stages.epochs=[2]", "stop_at_step=2", "checkpoint.every_steps=1"), tmp_path, resume="none")
+    # keep=2 prunes among the new run's checkpoints only, and the newest is the new run's
+    assert [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == \
+        ["stage1-step00000001", "stage1-step00000002"]
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "stage1-step00000002"
+    assert [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints.1")] == earlier
+    assert (tmp_path / "metrics.1.jsonl").is_file() and (tmp_path / "tb.1").is_dir()

@@ -135,6 +135,8 @@ class ProfileConfig:
             window = (0, -1)
         check(window is None or 0 <= window[0] < window[1],
               f"profile.steps {self.steps!r}: give A:B with 0 <= A < B, e.g. profile.steps=10:15")
+        check(not self.memory or window is not None,
+              "profile.memory records the steps of profile.steps: give both, e.g. profile.steps=10:15")
 
 
 @dataclasses.dataclass(kw_only=True)

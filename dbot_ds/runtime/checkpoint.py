@@ -27,7 +27,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 
 from dbot_ds.config import ConfigError, flatten
 from dbot_ds.files import atomic_write
-from dbot_ds.runtime.distributed import barrier, dist_rank, dist_world_size
+from dbot_ds.runtime.distributed import barrier, dist_rank, dist_world_size, from_rank0
 
 STATE = "dbot_state.json"
 POINTER = "latest_complete"
@@ -60,6 +60,7 @@ def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
             save_file(tensors, str(partial / TENSORS))
         atomic_write(partial / STATE, json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again (e.g. after a resume)
+        shutil.rmtree(root / UNIVERSAL / tag, ignore_errors=True)  # ... and its conversion with it
         os.replace(partial, final)
         atomic_write(root / POINTER, tag + "\n")
         prune(root, keep)
@@ -135,18 +136,29 @@ def universal(ckpt: Path) -> Path:
     """`ckpt` in DeepSpeed's universal (world-size independent) format, in
     <checkpoints>/universal/<tag>: converted once, by rank 0, atomically. Collective."""
     out = ckpt.parent / UNIVERSAL / ckpt.name
+    failed = None
     if dist_rank() == 0 and not out.is_dir():
-        partial = out.with_name(out.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        # inject_missing_state: our engines wrap a plain module, whose checkpoints DeepSpeed saves
-        # without the universal_checkpoint_info the converter looks for
-        ds_to_universal(argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial), num_extract_workers=1,
-                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                           inject_missing_state=True))
-        os.replace(partial, out)
-    barrier()
+        try:
+            convert_to_universal(ckpt, out)
+        except Exception as e:  # DeepSpeed's converter: tell every rank, not only this one
+            failed = (f"cannot convert {ckpt} for {dist_world_size()} ranks (DeepSpeed's ds_to_universal: "
+                      f"{type(e).__name__}: {e}); resume on its {read_state(ckpt)['world_size']} ranks instead")
+    failed = from_rank0(failed)  # collective: the other ranks wait here for the conversion
+    if failed:
+        raise ConfigError(failed)
     return out
+
+
+def convert_to_universal(ckpt: Path, out: Path) -> None:
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    # inject_missing_state: our engines wrap a plain module, whose checkpoints DeepSpeed saves
+    # without the universal_checkpoint_info the converter looks for
+    ds_to_universal(argparse.Namespace(input_folder=str(ckpt), output_folder=str(partial), num_extract_workers=1,
+                                       num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                       inject_missing_state=True))
+    os.replace(partial, out)
 
 
 def load(engine, ckpt: Path) -> dict:

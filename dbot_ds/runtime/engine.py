@@ -18,7 +18,7 @@ from torch import nn
 
 from dbot_ds.config import TrainingConfig
 from dbot_ds.runtime.accel import adamw, fuse_layernorms
-from dbot_ds.runtime.distributed import World, barrier, export_rendezvous_env
+from dbot_ds.runtime.distributed import World, all_reduce_sum, barrier, export_rendezvous_env
 
 def init_distributed(world: World) -> torch.device:
     """Process group (NCCL on GPUs, gloo on CPU) and this rank's device."""
@@ -94,6 +94,17 @@ def full_fp32_state(engine) -> dict[str, torch.Tensor]:
         full = safe_get_full_fp32_param(p)
         out[name] = (full if full is not None else p.detach()).float().cpu().clone()
     return out
+
+
+def weights_finite(engine) -> bool:
+    """Whether every rank's weights are finite. Collective (one all-reduce); under ZeRO-3 each
+    rank checks its own partition."""
+    params = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    bad = torch.zeros((), device=engine.device)
+    for p in params:
+        bad += (~torch.isfinite(p.detach())).any().to(bad)
+    all_reduce_sum(bad)
+    return bad.item() == 0
 
 
 def module_digest(module: nn.Module) -> str:

@@ -1,9 +1,10 @@
 """One writer per run directory: an exclusive lock file, taken by rank 0 before anything is
 written and kept until the run ends.
 
-The lock names its holder (host, pid, Slurm job). A lock is stale, and taken over, when its
-holder is this same Slurm job (requeued after a kill), a process on this host that is gone, or a
-Slurm job that is no longer running. Any other holder is refused with a message that says who
+The lock names its holder (host, pid, Slurm job and its restart count). A lock is stale, and
+taken over, when its holder is an earlier run of this same Slurm job (requeued after a kill: a
+lower SLURM_RESTART_COUNT), a process on this host that is gone, or a Slurm job that is no
+longer running. Any other holder is refused with a message that says who
 holds it and how to clear it.
 """
 
@@ -26,6 +27,7 @@ class RunLocked(UserError):
 
 def me() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0),
             "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -66,8 +68,8 @@ def stale_reason(holder: dict, mine: dict) -> str | None:
     if not holder:
         return None
     job = holder.get("slurm_job")
-    if job and job == mine["slurm_job"]:
-        return f"it is this Slurm job ({job}), requeued"
+    if job and job == mine["slurm_job"] and holder.get("slurm_restart", 0) < mine["slurm_restart"]:
+        return f"it is this Slurm job ({job}) before its requeue"
     if holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
         return f"process {holder['pid']} on {holder['host']} is gone"
     if job and slurm_job_running(job) is False:
@@ -86,6 +88,9 @@ def acquire(path: Path) -> str | None:
             holder = read_holder(path)
             if holder is None:
                 continue  # released just now
+            if not holder:
+                raise RunLocked(f"{path} names no holder (being written this instant, or damaged): if no run is "
+                                f"writing {path.parent}, delete {path}")
             reason = stale_reason(holder, mine)
             if reason is None:
                 raise RunLocked(
@@ -100,8 +105,13 @@ def acquire(path: Path) -> str | None:
                 os.replace(path, aside)
             except FileNotFoundError:
                 continue
-            if read_holder(aside) != holder:
-                os.replace(aside, path)  # not the one judged stale: give it back and look again
+            if read_holder(aside) != holder:  # not the one judged stale: give it back and look again
+                try:
+                    os.link(aside, path)  # unlike a rename, never over a lock taken in between
+                except FileExistsError:
+                    pass
+                finally:
+                    aside.unlink()
                 continue
             aside.unlink()
             took_over = reason

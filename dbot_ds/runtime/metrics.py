@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from dbot_ds.config import ConfigError
+from dbot_ds.weights.rundir import RunDir
 
 
 class LossWindow:
@@ -50,16 +50,16 @@ class MetricsLog:
     TensorBoard in <run>/tb, and Weights & Biases when a project is given (its run id kept in the
     run directory, so a requeued job goes on logging to the same W&B run)."""
 
-    def __init__(self, out: Path, enabled: bool, wandb_project: str = "", config: dict | None = None):
+    def __init__(self, run: RunDir, enabled: bool, wandb_project: str = "", config: dict | None = None):
         self.enabled, self.wandb = enabled, None
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(out / "metrics.jsonl", "a")
-        self.tb = SummaryWriter(str(out / "tb"))
+        self.file = open(run.metrics, "a")
+        self.tb = SummaryWriter(str(run.tensorboard))
         if wandb_project:
-            self.wandb = start_wandb(out, wandb_project, config or {})
+            self.wandb = start_wandb(run, wandb_project, config or {})
 
     def log(self, record: dict, global_step: int) -> None:
         if not self.enabled:
@@ -70,27 +70,33 @@ class MetricsLog:
         for k, v in numbers.items():
             self.tb.add_scalar(k, v, global_step)
         if self.wandb is not None:
-            self.wandb.log(numbers, step=global_step)
+            self.wandb.log({**numbers, "global_step": global_step})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self.enabled:
             self.file.close()
             self.tb.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(exit_code=1 if failed else 0)
 
 
-WANDB_ID = "wandb_id"  # in the run directory: the W&B run this run directory logs to
-
-
-def start_wandb(out: Path, project: str, config: dict):
+def start_wandb(run: RunDir, project: str, config: dict):
     """A W&B run for this run directory: a new id the first time, the same id (resume="allow")
-    after a requeue or resubmission. WANDB_MODE=offline writes it under <run>/wandb."""
+    after a requeue or resubmission. WANDB_MODE=offline writes it under <run>/wandb. Its x axis
+    is our global_step, not W&B's own step, which drops any record whose step is not above the
+    last one (the steps a rollback or a requeue replays)."""
     try:
         import wandb
     except ImportError as e:
         raise ConfigError("log.wandb needs the wandb package: pip install wandb") from e
-    id_file = out / WANDB_ID
-    run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-    id_file.write_text(run_id + "\n")
-    return wandb.init(project=project, id=run_id, resume="allow", dir=str(out), name=out.name, config=config)
+    run_id = run.wandb_id.read_text().strip() if run.wandb_id.is_file() else secrets.token_hex(4)
+    run.wandb_id.write_text(run_id + "\n")
+    try:
+        logger = wandb.init(project=project, id=run_id, resume="allow", dir=str(run.root), name=run.root.name,
+                            config=config)
+    except Exception as e:  # no login, no network: W&B's own errors
+        raise ConfigError(f"log.wandb: W&B did not start ({type(e).__name__}: {e}); log in with `wandb login`, "
+                          "or run offline with WANDB_MODE=offline and `wandb sync` later") from e
+    logger.define_metric("global_step")
+    logger.define_metric("*", step_metric="global_step")
+    return logger

@@ -34,8 +34,9 @@ class StepProfiler:
         return named_phases if self.active else None
 
     def before(self, global_step: int) -> None:
-        """Called before the optimizer step that will make `global_step` + 1 steps."""
-        if self.window and global_step == self.window[0] and self.profiler is None:
+        """Called before the optimizer step that will make `global_step` + 1 steps (a resume or a
+        new stage may start inside the window)."""
+        if self.window and self.window[0] <= global_step < self.window[1] and self.profiler is None:
             self.out.mkdir(parents=True, exist_ok=True)
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                                   if self.cuda else [])

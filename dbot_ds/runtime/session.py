@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from dbot_ds.config import TrainingConfig
+from dbot_ds.config import ConfigError, TrainingConfig
 from dbot_ds.runtime import lock
 from dbot_ds.runtime.distributed import World, from_rank0, world_from_env
 from dbot_ds.runtime.ds_config import compute_dtype, resolve_ds_config
@@ -38,6 +39,13 @@ class Session:
         return self.ds_config["gradient_accumulation_steps"]
 
 
+def agree(failure: str | None, error=ConfigError) -> None:
+    """Rank 0's failure (a one-line message, or None) stops every rank, not only rank 0."""
+    failure = from_rank0(failure)
+    if failure:
+        raise error(failure)
+
+
 def take_lock(run: RunDir, world: World) -> None:
     """Rank 0 takes the run directory's lock; every rank stops if it could not."""
     refused = None
@@ -48,19 +56,28 @@ def take_lock(run: RunDir, world: World) -> None:
                 print(f"took over the stale lock of {run.root}: {took_over}", flush=True)
         except lock.RunLocked as e:
             refused = str(e)
-    refused = from_rank0(refused)
-    if refused:
-        raise lock.RunLocked(refused)
+        except OSError as e:
+            refused = f"cannot take the lock {run.lock}: {e.strerror or e}; check that {run.root} is writable"
+    agree(refused, lock.RunLocked)
 
 
-def set_aside_old_metrics(run: RunDir) -> None:
-    """A run started afresh in a used directory logs to a metrics.jsonl of its own; the old one
-    is kept as metrics.<n>.jsonl."""
-    if run.metrics.is_file():
-        n = 1
-        while run.metrics.with_suffix(f".{n}.jsonl").exists():
-            n += 1
-        run.metrics.rename(run.metrics.with_suffix(f".{n}.jsonl"))
+def set_aside_earlier_run(run: RunDir) -> None:
+    """A run started afresh in a used directory keeps nothing of the run before it where it
+    could be taken for its own (its newest checkpoint resumed, its W&B run continued): the
+    earlier run's metrics, checkpoints, TensorBoard log and W&B id move to <name>.<n>, the first
+    n free for all of them. Stage exports are replaced as the new run writes its own."""
+    earlier = [p for p in (run.metrics, run.checkpoints, run.tensorboard, run.wandb_id)
+               if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+    n = 1
+    while any(numbered(p, n).exists() for p in earlier):
+        n += 1
+    for p in earlier:
+        p.rename(numbered(p, n))
+
+
+def numbered(path: Path, n: int) -> Path:
+    """metrics.jsonl -> metrics.<n>.jsonl, checkpoints -> checkpoints.<n>"""
+    return path.with_name(f"{path.stem}.{n}{path.suffix}")
 
 
 @contextlib.contextmanager
@@ -75,14 +92,21 @@ def start_session(cfg: TrainingConfig, run: RunDir, fresh: bool) -> Iterator[Ses
     try:
         if world.is_main:
             if fresh:
-                set_aside_old_metrics(run)
+                set_aside_earlier_run(run)
             run.write_configs(cfg.to_dict(), ds_config)
-        log = MetricsLog(run.root, world.is_main, cfg.log.wandb, cfg.to_dict())
+        log, failed = None, None
+        try:
+            log = MetricsLog(run, world.is_main, cfg.log.wandb, cfg.to_dict())
+        except ConfigError as e:  # W&B could not start (rank 0)
+            failed = str(e)
+        agree(failed)
         session = Session(world, device, ds_config, StopSignal(device), log)
+        ended = False
         try:
             yield session
+            ended = True
         finally:
-            session.log.close()
+            session.log.close(failed=not ended)
             session.stop.close()
     finally:
         if world.is_main:

@@ -26,7 +26,7 @@ from dbot_ds.errors import UserError
 from dbot_ds.method.stages import StagePlan
 from dbot_ds.method.tasks import no_phases
 from dbot_ds.runtime import checkpoint
-from dbot_ds.runtime.engine import gather, set_lr
+from dbot_ds.runtime.engine import gather, set_lr, weights_finite
 from dbot_ds.runtime.metrics import LossWindow
 from dbot_ds.runtime.profiling import StepProfiler, profiled
 from dbot_ds.runtime.schedule import lr_at
@@ -96,6 +96,7 @@ class Trainer:
         self.accum = loader.accum
         self.data_skip = 0  # optimizer steps of data passed over after rollbacks
         self.rollbacks = 0
+        self.last_good: Path | None = None  # this stage's newest checkpoint: resumed from or saved
         # the layouts (ranks, workers, steps) that read the first steps of data epoch
         # `layouts_epoch` before this run's (a resume with other numbers of ranks or workers)
         self.layouts, self.layouts_epoch = [], -1
@@ -107,6 +108,7 @@ class Trainer:
     def resume(self, ckpt: Path) -> int:
         """Weights, optimizer state and the task's state from `ckpt`; returns its step."""
         state = checkpoint.load(self.engine, ckpt)
+        self.last_good = Path(ckpt)
         try:
             self.task.restore(state, checkpoint.load_tensors(ckpt))
         except ConfigError as e:
@@ -125,8 +127,8 @@ class Trainer:
                  "data_skip": self.data_skip, "rollbacks": self.rollbacks, "num_workers": self.loader.workers,
                  "layouts": self.layouts if self.data_epoch(step) == self.layouts_epoch else [],
                  "config": self.cfg.to_dict(), **self.task.state()}
-        checkpoint.save(self.engine, self.run.checkpoints, state, is_main=self.world.is_main,
-                        keep=self.cfg.checkpoint.keep, tensors=self.task.tensors())
+        self.last_good = checkpoint.save(self.engine, self.run.checkpoints, state, is_main=self.world.is_main,
+                                         keep=self.cfg.checkpoint.keep, tensors=self.task.tensors())
 
     def fit(self, step: int = 0) -> Outcome:
         """Train from optimizer step `step` to the stage's end, a stop request or stop_at_step;
@@ -183,7 +185,11 @@ class Trainer:
         saving = stopping or step == total or step % (cfg.checkpoint.every_steps or spe) == 0
         if logging or saving:  # a host sync here already: check the run's health first
             loss, skipped = window.mean(self.world.size), skipped_steps(self.engine) - window.skipped_at_start
-            self.check_health(step, loss, skipped, window.step)
+            # weights are checked before they are saved: an optimizer that never skips a step
+            # (fp32 without loss scaling) applies a non-finite gradient under a finite loss
+            sick = self.sickness(loss, skipped, weights=saving)
+            if sick:
+                return self.diverged(step, sick, window.step, preempted)
         if logging:
             self.record(bar, step, lr, loss, skipped, window, evaluation or {})
             window.restart(step, skipped_steps(self.engine))
@@ -195,18 +201,29 @@ class Trainer:
             return Outcome(step, step == total, preempted, True)
         return None
 
-    def check_health(self, step: int, loss: float, skipped: int, since: int) -> None:
-        """A non-finite loss, or too many skipped steps, since step `since`: roll back or stop."""
+    def sickness(self, loss: float, skipped: int, weights: bool) -> str | None:
+        """What is wrong with the run since the last log line, or None. The same on every rank
+        (reduced values): every rank takes the same branch after it."""
         limit = self.cfg.divergence.max_skipped_steps
-        if math.isfinite(loss) and skipped <= limit:
-            return
-        what = (f"loss {loss}" if not math.isfinite(loss) else
-                f"{skipped} optimizer steps skipped (non-finite gradients), more than divergence.max_skipped_steps {limit}")
-        where = f"stage {self.stage} steps {since}..{step}"
-        good = checkpoint.stage_checkpoints(self.run.checkpoints, self.stage)
-        good = good[-1] if good else None
-        policy = self.cfg.divergence
+        if not math.isfinite(loss):
+            return f"loss {loss}"
+        if skipped > limit:
+            return f"{skipped} optimizer steps skipped (non-finite gradients), more than divergence.max_skipped_steps {limit}"
+        if weights and not weights_finite(self.engine):
+            return "non-finite weights"
+        return None
+
+    def diverged(self, step: int, what: str, since: int, preempted: bool) -> Outcome:
+        """Roll back to the last good checkpoint (divergence.policy=rollback, within
+        max_rollbacks), or stop with Diverged. A preempted job writes nothing and stops: its
+        requeued self resumes from the last good checkpoint."""
+        where, good, policy = f"stage {self.stage} steps {since}..{step}", self.last_good, self.cfg.divergence
         if policy.policy == "rollback" and good is not None and self.rollbacks < policy.max_rollbacks:
+            if preempted:
+                if self.world.is_main:
+                    print(f"diverged at {where} ({what}) as the job was preempted: nothing saved; "
+                          f"the requeued job resumes from {good}", flush=True)
+                return Outcome(step, False, True, True)
             rollbacks, skip = self.rollbacks, self.data_skip  # this run's counts, not the checkpoint's
             resumed = self.resume(good)
             self.rollbacks = rollbacks + 1
@@ -219,8 +236,8 @@ class Trainer:
             why = f" after {self.rollbacks} rollbacks" if good is not None else ", with no checkpoint of this stage to go back to"
         else:
             why = ""
-        hint = ("lower the lr, or resume from it with --set divergence.policy=rollback" if good is not None
-                else "lower the lr (optim.lr or optim.base_lr) or lengthen the warm-up")
+        hint = ("resume from it with --set divergence.policy=rollback, or start a new --out with a lower lr"
+                if good is not None else "lower the lr (optim.lr or optim.base_lr) or lengthen the warm-up")
         raise Diverged(f"training diverged at {where}: {what}{why}; no export was written. Last good checkpoint: "
                        f"{good or 'none'}: {hint}")
 

@@ -10,6 +10,7 @@
     <run>/logs/                         Slurm job logs (and NCCL flight-recorder dumps)
     <run>/profile/                      torch.profiler traces (profile.steps)
     <run>/.lock                         who is writing the run now (runtime/lock.py)
+    <run>/wandb_id  wandb/              the W&B run this directory logs to (log.wandb), its offline files
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tb"
+
+    @property
+    def wandb_id(self) -> Path:
+        return self.root / "wandb_id"
 
     @property
     def data(self) -> Path:
