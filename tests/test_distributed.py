@@ -92,3 +92,11 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_with_its_weights_and_mo
     r = torchrun("-m", "dbot_ds.cli", *pretrain_args(out, zero), nproc=resumed_on)
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_export(out / "stage2")[1]["stage"] == 2
+
+
+def test_a_divergence_on_one_rank_rolls_every_rank_back_to_the_same_checkpoint(tmp_path):
+    r = torchrun(str(HERE / "dist_rollback.py"), str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":", 1)[1] for line in lines] == \
+        [" finished=True step=12 rollbacks=1 data_skip=2 back_to=stage1-step00000012"] * 2

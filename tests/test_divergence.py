@@ -77,6 +77,20 @@ def test_the_rollback_policy_goes_back_and_on_past_the_data_that_diverged(proces
     engine.destroy()
 
 
+def test_a_job_preempted_in_a_diverged_window_saves_nothing_and_stops(process_group, tmp_path, monkeypatch, capsys):
+    from dbot_ds.runtime.preemption import STOP_FILE_ENV
+
+    stop = tmp_path / "stop"
+    stop.touch()  # polled at step 5, whose second micro-batch is poisoned
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop))
+    trainer, outcome, engine = run_poisoned(tmp_path / "run", 10, 1, "divergence.policy=rollback")
+    engine.destroy()
+    assert (outcome.step, outcome.finished, outcome.preempted, trainer.rollbacks) == (5, False, True, 0)
+    steps = [checkpoint.read_state(c)["step"] for c in checkpoint.complete_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert steps == [2, 4]  # the requeued job resumes from step 4
+    assert "as the job was preempted: nothing saved" in capsys.readouterr().out
+
+
 def test_rollbacks_are_bounded(process_group, tmp_path):
     with pytest.raises(Diverged, match="after 1 rollbacks"):
         run_poisoned(tmp_path, 10, 100, "divergence.policy=rollback", "divergence.max_rollbacks=1")
