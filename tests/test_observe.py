@@ -14,8 +14,14 @@ METRICS = {"loss", "lr", "grad_norm", "skipped_steps", "images_per_s", "data_wai
 
 
 def wandb_history(run_file) -> list[dict]:
-    """The history rows of an offline W&B run file: its records (LevelDB-log framing, 32 KiB
-    blocks, 7-byte chunk headers, after a 7-byte file header) parsed with W&B's own protobuf."""
+    """The history rows of an offline W&B run file."""
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(run_file) if r.WhichOneof("record_type") == "history"]
+
+
+def wandb_records(run_file) -> list:
+    """The records of an offline W&B run file (LevelDB-log framing, 32 KiB blocks, 7-byte chunk
+    headers, after a 7-byte file header) parsed with W&B's own protobuf."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data, rows, pos, record = open(run_file, "rb").read(), [], 7, b""
@@ -29,8 +35,7 @@ def wandb_history(run_file) -> list[dict]:
         if kind in (1, 4):  # FULL or LAST: a whole record
             r = pb.Record()
             r.ParseFromString(record)
-            if r.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+            rows.append(r)
             record = b""
     return rows
 
@@ -60,6 +65,20 @@ def test_metrics_reach_jsonl_tensorboard_and_wandb_under_the_same_names_and_a_re
     rows = [row for run in runs for row in wandb_history(run)]
     assert METRICS - {"grad_norm"} <= set(rows[0])
     assert [row["loss"] for row in rows] == pytest.approx([r["loss"] for r in lines])
+
+
+def test_a_run_that_fails_ends_as_failed_in_wandb(process_group, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from dbot_ds.runtime.trainer import Diverged
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(Diverged):
+        pretrain(tiny_config("log.wandb=dbot-test", "stages.epochs=[1]", "optim.lr=1e6", "optim.warmup_epochs=0"),
+                 tmp_path)
+    run_file, = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    exits = [r.exit.exit_code for r in wandb_records(run_file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
 
 
 def test_a_profiler_window_leaves_a_trace_per_rank_naming_the_steps_phases(process_group, tmp_path):
