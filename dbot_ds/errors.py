@@ -18,8 +18,9 @@ def message(error: BaseException) -> str:
     Original Traceback ..."), whose last `X: ...` line is the message."""
     text = str(error)
     if "Original Traceback" in text:
-        found = re.search(rf"\n(?:[\w.]+\.)?{type(error).__name__}: (.*)\Z", text, re.S)
-        text = found.group(1) if found else text
+        # the last such line: the traceback's own text may quote earlier ones
+        lines = list(re.finditer(rf"^(?:[\w.]+\.)?{type(error).__name__}: ", text, re.M))
+        text = text[lines[-1].end():] if lines else text
     return text.strip()
 
 

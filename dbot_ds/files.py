@@ -35,5 +35,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def stays_inside(folder: str | Path, name: str) -> bool:
-    """A relative name that stays inside `folder`: no absolute path, no way out through .."""
-    return not Path(name).is_absolute() and (Path(folder) / name).resolve().is_relative_to(Path(folder).resolve())
+    """A relative name that stays inside `folder`: no absolute path, no way out through '..'.
+    Lexical, so symlinks are followed wherever they lead: a folder of symlinked shards (common
+    on clusters) or weights linked from a cache (Hugging Face, git-annex) are inside."""
+    normal = os.path.normpath(name)
+    return bool(name) and not os.path.isabs(name) and normal != os.pardir and \
+        not normal.startswith(os.pardir + os.sep)

@@ -127,7 +127,8 @@ class DataConfig:
     """Training stops when more than this fraction of a worker's samples is unreadable."""
     verify: Literal["size", "sha256"] = "size"
     """Shards are checked against the manifest as they are opened: size (a stat), or sha256 too
-    (hashed as they stream, no second read); a mismatch makes the shard's samples bad."""
+    (hashed as they stream, no second read; a shard's samples are held until its hash is known:
+    up to one shard in memory per loader worker); a mismatch makes the shard's samples bad."""
     pipe_urls: bool = False
     """Let the manifest's pipe: URLs run (shell commands that fetch shards, e.g. from S3): only
     for a manifest you trust."""

@@ -13,6 +13,10 @@ replacement from its seeded RNG until its quota of data.epoch_samples / world is
 Resume: the position is the number of micro-batches this rank consumed in the epoch; every
 worker skips its share of them without decoding, and the workers' roles rotate so the loader's
 round-robin order continues exactly where it stopped.
+
+Bad data: a sample that cannot be read keeps its position in the raw stream (a LOST stand-in,
+counted once) and its crop is replaced by the last good one, so the seeded shuffles, and so every
+resume, see the same positions as an uninterrupted read.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from dbot_ds.data.device_decode import jpeg_sample
 from dbot_ds.data.epoch_plan import EpochPlan, Layout, shuffled, slot_batches, slot_span
-from dbot_ds.data.shards import IMAGE_KEY, Manifest, ShardError
+from dbot_ds.data.shards import IMAGE_KEY, Manifest, ShardError, is_url
 from dbot_ds.data.tar_samples import iter_shard_samples
 from dbot_ds.data.transforms import UnreadableImage, decode_crop
 from dbot_ds.seeding import derive_seed
@@ -95,7 +99,9 @@ class ShardStream(IterableDataset):
                              "data.epoch_samples (or make a manifest: dbot-ds shards index)")
         self.manifest, self.urls = manifest, urls or (manifest.urls(pipe_urls) if manifest else [])
         self.infos = dict(zip(self.urls, manifest.shards)) if manifest else {}
-        self.verify = verify  # "size": a stat per shard opened; "sha256": also hashed as it streams
+        # "size": a stat per shard opened; "sha256": also hashed as it streams, its samples held
+        # until the hash is known (memory: one piece, up to a shard's samples, per loader worker)
+        self.verify = verify
         self.exact = manifest is not None and not epoch_samples
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world, micro, accum, seed
         self.crop, self.scale, self.hflip, self.jitter = crop, scale, hflip, jitter
@@ -141,35 +147,12 @@ class ShardStream(IterableDataset):
         return [(self.urls[i], self.manifest.shards[i].samples) for i in order.tolist()]
 
     def raw_samples(self, epoch: int, slot: int, pieces: list[Piece], quota: int, bad: "BadCounter"):
-        """Undecoded samples of this slot in file order; a broken tar counts its rest as bad,
-        a shard whose size (or, with data.verify=sha256, hash) differs from the manifest all of
-        its piece."""
+        """Undecoded samples of this slot in file order. In exact mode every wanted position gives
+        one item, a LOST where it could not be read (counted as bad here), so the shuffle buffer
+        sees the positions EpochPlan replays on a resume in another layout."""
         if self.exact:
             for piece in pieces:
-                info = self.infos[piece.url]
-                wrong = wrong_size(piece.url, info.bytes)
-                if wrong:
-                    bad.add(piece.left_from(0), wrong)
-                    continue
-                digest = hashlib.sha256() if self.verify == "sha256" else None
-                seen = 0
-                try:
-                    with contextlib.closing(iter_shard_samples(piece.url, digest)) as samples:
-                        for sample in samples:
-                            if seen >= piece.stop:
-                                break
-                            if piece.wanted(seen):
-                                yield sample
-                            seen += 1
-                except Exception as e:
-                    bad.add(piece.left_from(seen),
-                            f"{piece.url}: unreadable after sample {seen} ({type(e).__name__}: {e})")
-                    continue
-                if seen < piece.stop:  # a truncated tar can simply end early
-                    bad.add(piece.left_from(seen),
-                            f"{piece.url}: unreadable after sample {seen} (ends early: truncated?)")
-                elif digest is not None and digest.hexdigest() != info.sha256:
-                    bad.add(piece.left_from(0), f"{piece.url}: sha256 differs from the manifest's")
+                yield from self.piece_samples(piece, bad)
             return
         rng = random.Random(derive_seed(self.seed, "resample", epoch, self.rank, slot))
         produced = 0
@@ -184,6 +167,29 @@ class ShardStream(IterableDataset):
             except Exception as e:
                 bad.add(1, f"{url}: unreadable ({type(e).__name__}: {e})")
 
+    def piece_samples(self, piece: Piece, bad: "BadCounter"):
+        """The piece's wanted samples, a LOST for each one lost: a shard whose size differs from
+        the manifest's loses all of them, a broken tar those from where it breaks. With
+        data.verify=sha256 the piece's samples are held until the shard's hash is known (memory:
+        one piece per loader worker) and all of them are lost when it differs."""
+        info = self.infos[piece.url]
+        problem = wrong_size(piece.url, info.bytes)
+        if problem:
+            yield from lost(piece.left_from(0), problem, bad)
+        elif self.verify == "sha256":
+            digest = hashlib.sha256()
+            held, (_, problem) = collect(scan(piece, digest))
+            if problem is None and digest.hexdigest() != info.sha256:
+                problem = f"{piece.url}: sha256 differs from the manifest's"
+            if problem:
+                yield from lost(piece.left_from(0), problem, bad)  # none of it is trusted
+            else:
+                yield from held
+        else:
+            seen, problem = yield from scan(piece)
+            if problem:
+                yield from lost(piece.left_from(seen), problem, bad)
+
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -191,7 +197,8 @@ class ShardStream(IterableDataset):
         if self.exact:  # this rank's positions under this layout, after the earlier ones
             share, batches = self.plan.share(epoch, self.earlier(), self.world, self.rank)
         else:
-            share, batches = range(0), self.batches_per_epoch
+            done = sum(layout.steps for layout in self.earlier())  # as in _start and __len__
+            share, batches = range(0), (self.steps_per_epoch - done) * self.accum
         slot = (worker + start) % workers  # keeps the loader's round-robin order across a resume
         first = len(range(slot, start, workers))  # this slot's batches already consumed
         remaining = slot_batches(slot, workers, batches, start)
@@ -205,31 +212,42 @@ class ShardStream(IterableDataset):
                                 epoch=epoch, slot=slot, bad=bad)
 
     def decoded(self, stream, *, skip: int, count: int, epoch: int, slot: int, bad: "BadCounter"):
-        """Skip `skip` raw samples, then yield `count` crops; a bad sample is replaced by the
-        last good one so every rank keeps the same number of batches."""
-        last, index = None, 0
-        for sample in stream:
+        """Skip `skip` raw samples, then yield `count` crops, one per raw sample: a lost or bad
+        one is replaced by the last good one (or, before the first, by the next good one), so
+        every rank keeps the same number of batches and a resume that skips by raw position
+        lands where this run stood."""
+        last, owed, given = None, 0, 0
+        for index, sample in enumerate(stream):
             if index >= skip + count:
-                return
+                break
             if index < skip:
-                index += 1
                 continue
-            rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
-            try:
-                if IMAGE_KEY not in sample:
-                    raise UnreadableImage(f"no {IMAGE_KEY}")
-                last = self.sample_fn(sample, rng) if self.sample_fn else self.prepare(sample[IMAGE_KEY], rng)
-            except UnreadableImage as e:  # bad data; any other exception is a bug, and surfaces
-                bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
-                if last is None:
-                    continue  # nothing to stand in yet: the next good sample fills the gap
-            yield last
-            index += 1
-        if index < skip + count:  # the stream ran short (broken shards): pad with the last good one
+            item = self.item(sample, epoch, slot, index, bad)
+            if item is None and last is None:
+                owed += 1  # nothing to stand in yet: the next good sample fills this slot too
+                continue
+            last = last if item is None else item
+            for _ in range(owed + 1):
+                yield last
+            given, owed = given + owed + 1, 0
+        if given < count:  # the stream ran short (resampled mode) or held nothing readable
             if last is None:
                 raise ShardError(f"rank {self.rank}: no readable sample in this worker's shards")
-            for _ in range(skip + count - max(index, skip)):
+            for _ in range(count - given):
                 yield last
+
+    def item(self, sample, epoch: int, slot: int, index: int, bad: "BadCounter"):
+        """The crop (or sample_fn's item) of raw sample `index`, or None when it is lost or bad."""
+        if sample is LOST:
+            return None  # counted where it was lost
+        rng = random.Random(derive_seed(self.seed, "crop", epoch, self.rank, slot, index))
+        try:
+            if IMAGE_KEY not in sample:
+                raise UnreadableImage(f"no {IMAGE_KEY}")
+            return self.sample_fn(sample, rng) if self.sample_fn else self.prepare(sample[IMAGE_KEY], rng)
+        except UnreadableImage as e:  # bad data; any other exception is a bug, and surfaces
+            bad.add(1, f"{sample.get('__url__')}:{sample.get('__key__')}: {e}")
+            return None
 
     def prepare(self, data: bytes, rng: random.Random):
         if self.decode == "device":
@@ -237,9 +255,57 @@ class ShardStream(IterableDataset):
         return decode_crop(data, self.crop, self.scale, self.hflip, rng, self.jitter)
 
 
+class Lost:
+    """A wanted sample that could not be read (counted as bad where that was found): it keeps
+    its position in the raw stream."""
+
+    def __repr__(self) -> str:
+        return "LOST"
+
+
+LOST = Lost()
+
+
+def scan(piece: Piece, digest=None):
+    """Yields the piece's readable wanted samples in file order; returns (samples of the shard
+    read, what went wrong or None). With a digest the shard is read to its end (the hash needs
+    every byte)."""
+    seen = 0
+    try:
+        with contextlib.closing(iter_shard_samples(piece.url, digest)) as samples:
+            for sample in samples:
+                if seen >= piece.stop and digest is None:
+                    break
+                if piece.wanted(seen):
+                    yield sample
+                seen += 1
+    except Exception as e:
+        return seen, f"{piece.url}: unreadable after sample {seen} ({type(e).__name__}: {e})"
+    if seen < piece.stop:  # a truncated tar can simply end early
+        return seen, f"{piece.url}: unreadable after sample {seen} (ends early: truncated?)"
+    return seen, None
+
+
+def collect(generator) -> tuple[list, object]:
+    """(everything a generator yields, what it returns)."""
+    items = []
+    while True:
+        try:
+            items.append(next(generator))
+        except StopIteration as stop:
+            return items, stop.value
+
+
+def lost(n: int, problem: str, bad: "BadCounter"):
+    """Count n wanted samples as bad (once, here) and keep their places with LOST."""
+    bad.add(n, problem)
+    for _ in range(n):
+        yield LOST
+
+
 def wrong_size(url: str, expected: int) -> str | None:
     """What is wrong with a local shard's size (one stat), or None; URLs are not checked."""
-    if "://" in url or url.startswith("pipe:"):
+    if is_url(url):
         return None
     try:
         size = os.stat(url).st_size

@@ -34,6 +34,22 @@ def is_url(name: str) -> bool:
     return name.startswith("pipe:") or "://" in name
 
 
+def fill_template(template: str, name: str) -> str:
+    """A url_template filled with a shard's name ({name}: its only field)."""
+    try:
+        return template.format(name=name)
+    except (AttributeError, KeyError, IndexError, ValueError) as e:
+        raise ShardError(f"url_template {template!r} cannot be filled ({type(e).__name__}: {e}): its only "
+                         "field is {name}; write a literal brace as {{ or }}") from e
+
+
+def names_outside(folder: Path, names: list[str]) -> list[str]:
+    """Shard names that would read outside `folder`: a path that is absolute or leaves it
+    through '..' (lexically: a symlinked shard is fine), or a file:// URL (a local path by
+    another name). Names a url_template fills are checked the same way."""
+    return [n for n in names if n.startswith("file:") or (not is_url(n) and not stays_inside(folder, n))]
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     name: str      # path relative to the manifest's directory
@@ -59,7 +75,7 @@ class Manifest:
         if is_url(name):
             return name
         template = self.extra.get("url_template")
-        return template.format(name=name) if template else str(self.root / name)
+        return fill_template(template, name) if template else str(self.root / name)
 
     def urls(self, pipe_urls: bool = False) -> list[str]:
         """Every shard's URL. `pipe:` URLs run a shell command to fetch a shard: a manifest is
@@ -83,16 +99,20 @@ def read_manifest(path: str | Path) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ShardError(f"cannot read shard manifest {path}: {e}") from e
-    if data.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}; "
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = f"format {data.get('format')!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ShardError(f"{path}: {found}, expected format {MANIFEST_FORMAT!r}; "
                          "make one with `dbot-ds shards index` or `dbot-ds shards convert`")
     try:
         shards, classes = [ShardInfo(**s) for s in data["shards"]], list(data["classes"])
+        if not all(isinstance(s.name, str) for s in shards):
+            raise TypeError("a shard's name is not a string")
     except (KeyError, TypeError) as e:
         raise ShardError(f"{path}: not a valid manifest ({type(e).__name__}: {e}); remake it with "
                          "`dbot-ds shards index` or `dbot-ds shards convert`") from e
-    local = [s.name for s in shards if not is_url(s.name)] if "url_template" not in data else []
-    outside = [name for name in local if not stays_inside(path.parent, name)]
+    if "url_template" in data:
+        fill_template(data["url_template"], "x")  # a bad template is reported here, once
+    outside = names_outside(path.parent, [s.name for s in shards])
     if outside:
         raise ShardError(f"{path} names shards outside its own folder ({', '.join(outside[:3])}): a manifest "
                          "lists shards in its folder or below; move it there and re-index")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Iterator
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from dbot_ds.data.shards import ShardError
+
+END_OF_ARCHIVE = bytes(1024)  # a tar ends with two 512-byte zero blocks
 
 
 class Checksum:
@@ -24,19 +29,31 @@ class Checksum:
 
 
 class HashingReader:
-    """A file object that feeds every byte it reads to a hash."""
+    """A file object over a shard's stream that feeds every byte it reads to a hash (if given)
+    and keeps the last 1024, so a tar cut at a member boundary (which parses without error) is
+    told from a whole one."""
 
-    def __init__(self, stream, digest):
-        self.stream, self.digest = stream, digest
+    def __init__(self, stream, digest=None, name: str = "shard"):
+        self.stream, self.digest, self.name = stream, digest, name
+        self.tail = b""
+
+    def __repr__(self) -> str:  # tar errors name their file object
+        return self.name
 
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
-        self.digest.update(data)
+        if self.digest is not None:
+            self.digest.update(data)
+        self.tail = data[-1024:] if len(data) >= 1024 else (self.tail + data)[-1024:]
         return data
 
     def drain(self) -> None:
         while self.read(1 << 20):
             pass
+
+    def ended_whole(self) -> bool:
+        """Whether what was read ends with the end-of-archive blocks (call after drain)."""
+        return self.tail == END_OF_ARCHIVE
 
     def close(self) -> None:
         self.stream.close()
@@ -44,21 +61,23 @@ class HashingReader:
 
 def iter_shard_samples(url: str, digest=None) -> Iterator[dict]:
     """Samples as dicts {'__key__', 'jpg', 'cls', 'json', ...} with raw bytes. A truncated or
-    corrupt tar raises at the point where it breaks (after yielding what came before). With a
-    `digest` (hashlib), every byte of the shard goes through it, also those after the last
-    sample read (when the caller stops early, at close): one read, hashed as it streams."""
-    stream = wds.gopen(str(url))
-    if digest is not None:
-        stream = HashingReader(stream, digest)
+    corrupt tar raises at the point where it breaks (after yielding what came before), also one
+    cut exactly at a member boundary (no end-of-archive blocks: ShardError, after its last
+    sample). With a `digest` (hashlib), every byte of a shard read to its end goes through it;
+    a caller that stops early gets no hash (and pays no read of the rest)."""
+    reader = HashingReader(wds.gopen(str(url)), digest, str(url))
     try:
-        files = tar_file_iterator(stream)
-        for sample in group_by_keys(({**f, "__url__": str(url)} for f in files)):
-            yield sample
-        if digest is not None:
-            stream.drain()  # tar padding and end-of-archive blocks
-    except GeneratorExit:
-        if digest is not None:
-            stream.drain()
+        files = tar_file_iterator(reader)
+        yield from group_by_keys(({**f, "__url__": str(url)} for f in files))
+        reader.drain()  # tar padding and end-of-archive blocks
+    except GeneratorExit:  # the consumer stopped: a pipe killed mid-stream may exit non-zero, no news
+        with contextlib.suppress(Exception):
+            reader.close()
         raise
-    finally:
-        stream.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the read error is the news, not the close's
+            reader.close()
+        raise
+    reader.close()
+    if not reader.ended_whole():
+        raise ShardError(f"{url}: no end-of-archive blocks after its last sample (truncated?)")

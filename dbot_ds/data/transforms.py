@@ -173,6 +173,17 @@ class ClassifySample:
             size, is_training=True, auto_augment=randaug, re_prob=reprob, re_mode=remode, interpolation="bicubic"))
 
     def __call__(self, sample: dict, rng: random.Random):
-        img = open_rgb(sample["jpg"])  # only this may fail as bad data
+        label = sample_label(sample)  # this and the decode are the bad data that may fail
+        img = open_rgb(sample["jpg"])
         seed_everything(rng.getrandbits(62))  # timm's transforms draw from the global generators
-        return self.transform(img), int(sample["cls"])
+        return self.transform(img), label
+
+
+def sample_label(sample: dict) -> int:
+    """The integer in a sample's .cls member; a missing or garbled one is bad data."""
+    try:
+        return int(sample["cls"])
+    except KeyError:
+        raise UnreadableImage("no label (.cls)") from None
+    except (TypeError, ValueError):
+        raise UnreadableImage(f"label {sample['cls'][:20]!r} is not an integer") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -112,35 +113,76 @@ def val_folder(images: str | Path, labels: str | Path,
     return _unique(items), classes
 
 
+ILSVRC_CLASSES = 1000
+COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
+
+
 def ilsvrc_train_tar(path: str | Path) -> tuple[list[Item], list[str]]:
     """ILSVRC2012_img_train.tar: <wnid>.tar members, each a tar of JPEGs. Nothing is
     extracted: headers are read in place and every image is addressed by (offset, size)."""
     path = Path(path)
-    items_by_class: dict[str, list[tuple[str, int, int]]] = {}
-    tar_of: dict[str, str] = {}  # wnid -> the inner tar it came from
     try:
         outer = tarfile.open(path, "r:")
     except tarfile.ReadError as e:
         raise SourceError(f"{path} is not an uncompressed tar ({e}): expected ILSVRC2012_img_train.tar") from e
     with outer:
-        for member in outer:
-            if not (member.isreg() and member.name.endswith(".tar")):
-                continue
-            wnid = Path(member.name).stem
-            if wnid in tar_of:
-                raise SourceError(f"{path}: two class tars for {wnid}: {tar_of[wnid]} and {member.name}; "
-                                  "each class must come once")
-            tar_of[wnid] = member.name
-            try:
-                with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
-                    items_by_class[wnid] = [(m.name, member.offset_data + m.offset_data, m.size)
-                                            for m in inner if m.isreg()]
-            except tarfile.ReadError as e:
-                raise SourceError(f"{path}: {member.name} is not an uncompressed tar ({e}); its images are read "
-                                  "in place, so each class tar must be a plain tar") from e
+        try:
+            items_by_class = class_tars(path, outer)
+        except (tarfile.TarError, EOFError) as e:  # the outer tar's own headers or data break off
+            raise SourceError(f"{path} is truncated or unreadable ({type(e).__name__}: {e}): "
+                              "fetch ILSVRC2012_img_train.tar again") from e
     if not items_by_class:
         raise SourceError(f"{path} holds no per-class .tar members: not an ILSVRC2012 train tar")
+    if len(items_by_class) != ILSVRC_CLASSES:  # converts, but is likely a partial copy
+        print(f"warning: {path} holds {len(items_by_class)} class tars, ILSVRC2012 has {ILSVRC_CLASSES}: "
+              "converting the classes found", file=sys.stderr)
     classes = sorted(items_by_class)
     items = [Item(sample_key(name), label, wnid, Path(name).name, str(path), size, offset)
              for label, wnid in enumerate(classes) for name, offset, size in sorted(items_by_class[wnid])]
     return _unique(items), classes
+
+
+def class_tars(path: Path, outer: tarfile.TarFile) -> dict[str, list[tuple[str, int, int]]]:
+    """wnid -> its images (name, offset in the outer tar, size), from the outer tar's class tars."""
+    items_by_class: dict[str, list[tuple[str, int, int]]] = {}
+    tar_of: dict[str, str] = {}  # wnid -> the inner tar it came from
+    compressed = []
+    for member in outer:
+        if member.isreg() and member.name.endswith(COMPRESSED_TAR):
+            compressed.append(member.name)  # reported together once the outer tar is read
+            continue
+        if not (member.isreg() and member.name.endswith(".tar")):
+            continue
+        wnid = Path(member.name).stem
+        if wnid in tar_of:
+            raise SourceError(f"{path}: two class tars for {wnid}: {tar_of[wnid]} and {member.name}; "
+                              "each class must come once")
+        tar_of[wnid] = member.name
+        items_by_class[wnid] = class_images(path, outer, member)
+    if compressed:
+        raise SourceError(f"{path}: {len(compressed)} compressed class tar(s) ({', '.join(compressed[:3])}"
+                          f"{', ...' if len(compressed) > 3 else ''}): images are read in place, so each class "
+                          "tar must be a plain .tar: decompress them first")
+    return items_by_class
+
+
+def class_images(path: Path, outer: tarfile.TarFile, member: tarfile.TarInfo) -> list[tuple[str, int, int]]:
+    """One class tar's images as (name, offset in the outer tar, size)."""
+    try:
+        with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+            return [(m.name, member.offset_data + m.offset_data, m.size) for m in inner if m.isreg()]
+    except (tarfile.TarError, EOFError) as e:
+        raise SourceError(f"{path}: {member.name} {why_unreadable(path, outer, member)} ({type(e).__name__}: "
+                          f"{e}); its images are read in place, so each class tar must be a whole plain tar") from e
+
+
+def why_unreadable(path: Path, outer: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    """Why a class tar does not open: compressed, cut off by the end of the file, or broken."""
+    if member.offset_data + member.size > path.stat().st_size:
+        return "is truncated (the file ends inside it)"
+    head = outer.extractfile(member).read(6)
+    compression = next((kind for magic, kind in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    if compression:
+        return f"is not an uncompressed tar (it is {compression}-compressed)"
+    return "is unreadable (not a tar, or damaged)"

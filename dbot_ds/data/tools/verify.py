@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -11,8 +13,37 @@ from PIL import Image
 from tqdm import tqdm
 
 from dbot_ds.data.shards import (IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardError, ShardInfo, is_url,
-                                  read_manifest, write_manifest)
+                                  names_outside, read_manifest, write_manifest)
 from dbot_ds.data.tar_samples import Checksum, iter_shard_samples
+from dbot_ds.errors import UserError
+
+
+def int_label(text: bytes | None) -> int | None:
+    """A .cls member's integer, or None when it is missing or garbled."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def label_of(sample: dict) -> int:
+    """A sample's integer label; a ShardError naming the sample when it has none or a garbled one."""
+    label, text = int_label(sample.get(LABEL_KEY)), sample.get(LABEL_KEY)
+    if label is None:
+        what = f"no label (.{LABEL_KEY})" if text is None else f"label {text[:20]!r} is not an integer"
+        raise ShardError(f"{sample.get('__url__')}:{sample.get('__key__')}: {what}")
+    return label
+
+
+@contextlib.contextmanager
+def reading(url: str, fix: str):
+    """A shard that cannot be read (broken tar, failing pipe) as one line naming it and the fix."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise ShardError(f"{url}: unreadable ({type(e).__name__}: {e}); {fix}") from e
 
 
 def verify(manifest_path: str | Path, progress: bool = True, pipe_urls: bool = False) -> list[str]:
@@ -48,10 +79,26 @@ def check_sample(sample: dict, num_classes: int) -> list[str]:
             img.convert("RGB").load()
     except Exception as e:
         out.append(f"image does not decode ({type(e).__name__}: {e})")
-    label = int(sample[LABEL_KEY])
-    if not 0 <= label < num_classes:
+    label = int_label(sample[LABEL_KEY])
+    if label is None:
+        out.append(f"label {sample[LABEL_KEY][:20]!r} is not an integer")
+    elif not 0 <= label < num_classes:
         out.append(f"label {label} outside [0, {num_classes})")
     return out
+
+
+def wnid_of(m: Manifest, label: int) -> str:
+    return m.classes[label] if 0 <= label < len(m.classes) else "outside the class list"
+
+
+def describe(sample: dict, label: int, wnid: str) -> str:
+    try:
+        meta = json.loads(sample.get(META_KEY, b"{}"))
+    except ValueError:
+        meta = {}  # shown as unknown; `verify` checks what training needs
+    meta = meta if isinstance(meta, dict) else {}
+    return (f"  {sample['__key__']}: label {label} ({wnid}), {meta.get('width')}x{meta.get('height')}, "
+            f"{len(sample.get(IMAGE_KEY, b''))} bytes, from {meta.get('filename')}")
 
 
 def inspect(manifest_path: str | Path, n: int = 5, pipe_urls: bool = False) -> str:
@@ -60,18 +107,22 @@ def inspect(manifest_path: str | Path, n: int = 5, pipe_urls: bool = False) -> s
     histogram = Counter()
     shown = 0
     for url in m.urls(pipe_urls):
-        for sample in iter_shard_samples(url):
-            label = int(sample[LABEL_KEY])
-            histogram[label] += 1
-            if shown < n:
-                meta = json.loads(sample.get(META_KEY, b"{}"))
-                lines.append(f"  {sample['__key__']}: label {label} ({m.classes[label]}), "
-                             f"{meta.get('width')}x{meta.get('height')}, {len(sample[IMAGE_KEY])} bytes, "
-                             f"from {meta.get('filename')}")
-                shown += 1
+        with reading(url, "`dbot-ds shards verify` lists every problem of the set"):
+            for sample in iter_shard_samples(url):
+                label = label_of(sample)
+                histogram[label] += 1
+                if shown < n:
+                    lines.append(describe(sample, label, wnid_of(m, label)))
+                    shown += 1
     lines.append("class histogram (label: wnid count):")
-    lines += [f"  {label}: {m.classes[label]} {count}" for label, count in sorted(histogram.items())]
+    lines += [f"  {label}: {wnid_of(m, label)} {count}" for label, count in sorted(histogram.items())]
     return "\n".join(lines)
+
+
+def manifest_name(shard: str, folder: Path, url_template: str | None) -> str:
+    """How the manifest names a shard: as given (a URL, or a name for the template), else its
+    path relative to the manifest's folder."""
+    return shard if url_template or is_url(shard) else os.path.relpath(os.path.abspath(shard), folder)
 
 
 def index(shards: list[str | Path], out: str | Path, classes: list[str] | None = None,
@@ -80,19 +131,19 @@ def index(shards: list[str | Path], out: str | Path, classes: list[str] | None =
     sha256, each shard read once, local or remote (webdataset's gopen). Shards are local paths in
     the manifest's folder or below, URLs, or names that `url_template` turns into URLs."""
     out = Path(out)
-    folder = out.parent.resolve()
-    local = [str(p) for p in shards if not url_template and not is_url(str(p))]
-    outside = [p for p in local if not Path(p).resolve().is_relative_to(folder)]
+    folder = Path(os.path.abspath(out.parent))  # lexical, like the manifest's own check: symlinks are fine
+    given = {manifest_name(str(p), folder, url_template): str(p) for p in shards}
+    outside = [given[name] for name in names_outside(folder, list(given))]
     if outside:
         raise ShardError(f"shards index: {', '.join(outside[:3])} lie outside {folder}; a manifest lists shards "
                          "in its own folder or below: write it with --out in a folder above every shard")
     extra = {"indexed": True, **({"url_template": url_template} if url_template else {})}
     m = Manifest([], [], extra, out.parent)
     infos, max_label = [], -1
-    for shard in tqdm(sorted(str(p) for p in shards), desc="index", unit="shard"):
-        name = shard if url_template or is_url(shard) else str(Path(shard).resolve().relative_to(folder))
-        checksum = Checksum()
-        labels = [int(s[LABEL_KEY]) for s in iter_shard_samples(m.url_of(name), checksum)]
+    for name in tqdm(sorted(given), desc="index", unit="shard"):
+        checksum, url = Checksum(), m.url_of(name)
+        with reading(url, "re-fetch or re-write it, or leave it out of the index"):
+            labels = [label_of(s) for s in iter_shard_samples(url, checksum)]
         max_label = max([max_label, *labels])
         infos.append(ShardInfo(name, len(labels), checksum.size, checksum.hexdigest()))
     m.shards, m.classes = infos, classes or [str(i) for i in range(max_label + 1)]
