@@ -9,7 +9,9 @@ setup(
     packages=find_packages(include=["dbot_ds", "dbot_ds.*", "data_tools", "data_tools.*"]),
     python_requires=">=3.10",
     # No upper pins: the same install must work on a GPU cluster with its own CUDA torch.
-    install_requires=["torch>=2.4", "torchvision", "timm>=1.0.20", "deepspeed>=0.15", "webdataset",
+    # timm 1.0.23: Beit's shared relative position index is non-persistent (before, timm could
+    # not load its own save_for_hf of a BEiT-style encoder, and our exports' keys varied by release)
+    install_requires=["torch>=2.4", "torchvision", "timm>=1.0.23", "deepspeed>=0.15", "webdataset",
                       "safetensors", "numpy", "tqdm", "tensorboard", "simplejpeg", "matplotlib"],
     # torchcodec: the preferred JPEG decoder of data.decode=device (torchvision's otherwise)
     extras_require={"dev": ["pytest>=7", "pytest-timeout", "scipy", "scikit-learn", "torchcodec", "wandb"],

@@ -55,13 +55,26 @@ def test_an_export_pushed_to_the_hub_comes_back_as_the_same_encoder_from_the_cac
 def test_a_timm_name_resolves_to_its_pretrained_weights_in_the_cache(offline_cache, tmp_path):
     from timm.models import save_for_hf
 
-    name = "vit_tiny_patch16_224"
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    name = "deit_tiny_patch16_224"  # a ViT-Ti trained on ImageNet-normalised images
+    model = timm.create_model(name, pretrained=False)  # with its classifier, as the zoo's weights
     save_for_hf(model, str(tmp_path / "weights"), safe_serialization=True)
     cache_repo(offline_cache, model.pretrained_cfg["hf_hub_id"], tmp_path / "weights")
     encoder = load_encoder(f"timm:{name}")
     assert (encoder.arch.width, encoder.arch.depth, encoder.arch.heads) == (192, 12, 3)
     assert torch.equal(encoder.state_dict()["blocks.3.mlp.fc1.weight"], model.state_dict()["blocks.3.mlp.fc1.weight"])
+
+
+def test_a_timm_augreg_model_keeps_its_own_input_normalisation(offline_cache, tmp_path):
+    from timm.models import save_for_hf
+
+    from dbot_ds.weights.hub import import_hub
+
+    name = "vit_tiny_patch16_224"  # augreg: images normalised to mean = std = 0.5
+    model = timm.create_model(name, pretrained=False)
+    save_for_hf(model, str(tmp_path / "weights"), safe_serialization=True)
+    cache_repo(offline_cache, model.pretrained_cfg["hf_hub_id"], tmp_path / "weights")
+    _, report = import_hub(f"timm:{name}")
+    assert report["input_norm"] == "inception"
 
 
 def test_a_model_missing_from_the_offline_cache_says_how_to_fetch_it(offline_cache):

@@ -152,7 +152,8 @@ def main(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("analyze", help="attention distance, singular-value share, CorLoc (JSON + PNG)")
-    p.add_argument("encoder", help="a stage export, teacher:<stage-1 export>, or a weights file")
+    p.add_argument("encoder", help="a stage export, teacher:<stage-1 export>, a weights file, or a timm model: "
+                   "hf-hub:ORG/NAME, timm:MODEL_NAME, local-dir:PATH")
     p.add_argument("--manifest", required=True, help="shards of the images to analyse")
     p.add_argument("--boxes", help="JSON list (in manifest order) of per-image lists of [x0, y0, x1, y1] "
                    "boxes in the centre-cropped frame, for CorLoc")

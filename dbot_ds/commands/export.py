@@ -3,7 +3,6 @@ ZeRO shards gathered into fp32 weights), or a stage export as timm weights with 
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from dbot_ds.config import ConfigError, RunConfig, from_dict
 from dbot_ds.method.student import Student
 from dbot_ds.runtime import checkpoint
 from dbot_ds.weights.export import META, stage_meta, write_export
-from dbot_ds.weights.timm import export_timm, push_to_hub
+from dbot_ds.weights.model_card import read_metrics
+from dbot_ds.weights.timm import check_out, check_repo_id, export_timm, push_to_hub
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
@@ -41,29 +41,41 @@ def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
 def main(args) -> int:
     if args.push_to_hub and args.format != "timm":
         raise ConfigError("--push-to-hub uploads a timm model directory: add --format timm")
+    if args.metrics and args.format != "timm":
+        raise ConfigError("--metrics go into the timm model card: add --format timm")
     if args.format == "timm":
-        metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-        metrics = metrics if isinstance(metrics, dict) or metrics is None else {"results": metrics}
-        with tempfile.TemporaryDirectory() as tmp:
-            source = Path(args.source)
-            if not (source / META).is_file():  # a resume checkpoint: consolidated into an export first
-                source = export_checkpoint(source, Path(tmp) / "export")
-            path = export_timm(source, args.out, metrics)
-        if args.push_to_hub:
-            print(f"uploaded: {push_to_hub(path, args.push_to_hub, private=args.private)}")
+        path = export_to_timm(args)
     else:
         path = export_checkpoint(args.source, args.out)
     print(f"wrote {path}")
     return 0
 
 
+def export_to_timm(args) -> Path:
+    """The timm model directory (and its upload): every input checked before anything is written."""
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+    metrics = read_metrics(args.metrics, args.source) if args.metrics else None
+    check_out(Path(args.out).resolve())  # before a checkpoint is consolidated: minutes
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(args.source)
+        if not (source / META).is_file():  # a resume checkpoint: consolidated into an export first
+            source = export_checkpoint(source, Path(tmp) / "export")
+        path = export_timm(source, args.out, metrics, repo_id=args.push_to_hub)
+    if args.push_to_hub:
+        print(f"uploaded: {push_to_hub(path, args.push_to_hub, private=args.private)}")
+    return path
+
+
 def register(sub) -> None:
     p = sub.add_parser("export", help="a resume checkpoint or stage export -> export / timm model (Hub)")
     p.add_argument("source", help="a checkpoint dir (<run>/checkpoints/<tag>) or a stage export dir")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="dbot: a new directory; timm: a new or empty directory, or an earlier timm export (replaced)")
     p.add_argument("--format", choices=["dbot", "timm"], default="dbot",
                    help="timm: a model directory timm.create_model('local-dir:OUT', pretrained=True) loads")
-    p.add_argument("--metrics", help="a JSON of results (e.g. from dbot-ds probe) for the model card")
+    p.add_argument("--metrics", help="with --format timm, the model card's metrics: a JSON object of numbers, "
+                   "or `dbot-ds probe --json` output (its row of this export)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload it to the Hugging Face Hub")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: a private repository")
     p.set_defaults(func=main)

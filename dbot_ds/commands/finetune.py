@@ -106,7 +106,8 @@ def main(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("finetune", help="end-to-end fine-tuning of an encoder (resumable, preemptible)")
-    p.add_argument("init", help="the encoder to fine-tune: a stage export, teacher:<stage-1 export>, or a weights file")
+    p.add_argument("init", help="the encoder to fine-tune: a stage export, teacher:<stage-1 export>, a weights "
+                   "file, or a timm model: hf-hub:ORG/NAME, timm:MODEL_NAME, local-dir:PATH")
     p.add_argument("--train", help="labelled train manifest.json (data.train)")
     p.add_argument("--val", help="labelled validation manifest.json (data.val)")
     p.add_argument("--out", required=True, help="run directory (classifier, checkpoints, logs)")

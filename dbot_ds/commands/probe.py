@@ -105,7 +105,9 @@ def register(sub) -> None:
     p = sub.add_parser("probe", help="linear probe and k-NN on frozen features")
     p.add_argument("encoders", nargs="+",
                    help="stage export dirs; teacher:<stage-1 export> for the random teacher stage 1 distilled "
-                   "from; or weights files (timm, DINO, MAE, CLIP, dbot-ds finetune's model.safetensors)")
+                   "from; weights files (timm, DINO, MAE, CLIP, dbot-ds finetune's model.safetensors); or "
+                   "hf-hub:ORG/NAME, timm:MODEL_NAME, local-dir:PATH (timm models; offline: HF_HUB_OFFLINE=1 "
+                   "and the local Hugging Face cache)")
     p.add_argument("--train", required=True, help="labelled train manifest.json")
     p.add_argument("--val", required=True, help="labelled validation manifest.json")
     p.add_argument("--pool", choices=["avg", "cls"], default="avg")

@@ -87,10 +87,11 @@ class TeacherConfig:
     heads: int | None = None
     """A weights file's attention heads, for a width with no standard count (192: 3, 384: 6,
     768: 12, 1024 / 1280: 16) and no count in its safetensors metadata."""
-    input_norm: Literal["auto", "imagenet", "clip"] = "auto"  # the keys of input_norms.INPUT_NORMS
+    input_norm: Literal["auto", "imagenet", "clip", "inception"] = "auto"  # the keys of input_norms.INPUT_NORMS
     """The normalisation the teacher sees its images with. auto: the teacher's own (CLIP's
     mean/std for CLIP towers, ImageNet's otherwise: the import report says which; an export's
-    meta.json records it); imagenet or clip: override."""
+    meta.json records it; timm models normalised to 0.5 / 0.5, as augreg ViTs: inception);
+    imagenet, clip or inception: override."""
     update: Literal["breakpoint", "ema", "ema_cosine"] = "breakpoint"
     """breakpoint: teacher <- student at each stage end; ema / ema_cosine: momentum teacher, 1 stage."""
     momentum: float = 0.9998

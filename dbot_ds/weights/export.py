@@ -81,6 +81,9 @@ def read_meta(export_dir: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ExportError(f"{path} is not valid JSON ({e}); the export is corrupt, re-export it") from e
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path} holds a JSON {type(meta).__name__}, not an export's meta.json (an object); "
+                          "point to a directory written by `dbot-ds pretrain` or `dbot-ds export`")
     if meta.get("format") != FORMAT:
         raise ExportError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta

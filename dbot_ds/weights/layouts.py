@@ -143,12 +143,30 @@ def file_heads(path: Path) -> int | None:
             value = json.loads(config.read_text()).get("model_args", {}).get("num_heads") if config.is_file() else None
         except (OSError, json.JSONDecodeError, AttributeError):
             value = None
-    if value is not None and not str(value).isdigit():
-        raise ExportError(f"{path}: its metadata gives {HEADS_KEY}={value!r}, not a count")
-    return int(value) if value else None
+    if value is not None and (not str(value).isdigit() or int(value) < 1):
+        raise ExportError(f"{path}: its metadata gives {HEADS_KEY}={value!r}, not a head count (a whole number "
+                          "from 1); fix the file's metadata")
+    return int(value) if value is not None else None
 
 
 REQUIRED = ("patch_embed.proj.weight", "pos_embed", "cls_token")  # what the architecture is read from
+# how each command takes a head count the weights do not state (probe, analyze and finetune take
+# none of their own: the file's metadata is their way)
+GIVE_HEADS = (f"give it: teacher.heads=N (pretrain), or for any command (probe, analyze, finetune) save the weights "
+              f"as safetensors with metadata {{'{HEADS_KEY}': 'N'}} (safetensors.torch.save_file(state, path, "
+              f"metadata={{'{HEADS_KEY}': 'N', 'format': 'pt'}}))")
+
+
+def head_count(width: int, heads: int | None) -> int:
+    """The head count given (teacher.heads, the file's metadata), else the width's standard one."""
+    if heads is not None:
+        if heads < 1:
+            raise ExportError(f"a head count of {heads}: give a whole number from 1")
+        return heads
+    if width not in HEADS_BY_WIDTH:  # the weights do not tell; a guess would give a silently different teacher
+        standard = ", ".join(f"{w}: {h}" for w, h in HEADS_BY_WIDTH.items())
+        raise ExportError(f"a {width}-wide ViT has no standard head count ({standard}): {GIVE_HEADS}")
+    return HEADS_BY_WIDTH[width]
 
 
 def infer_arch(sd: dict, layout: str, heads: int | None = None) -> ViTArch:
@@ -160,12 +178,13 @@ def infer_arch(sd: dict, layout: str, heads: int | None = None) -> ViTArch:
     if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
         raise ExportError(f"patch_embed.proj.weight has shape {tuple(w.shape)}: not a square patch embedding")
     width, patch = w.shape[0], w.shape[-1]
-    heads = heads or HEADS_BY_WIDTH.get(width)
-    if heads is None:  # the weights do not tell; a guess would give a silently different teacher
-        raise ExportError(f"a {width}-wide ViT has no standard head count ({', '.join(f'{w}: {h}' for w, h in HEADS_BY_WIDTH.items())}): "
-                          "give it (teacher.heads=N for a teacher)")
+    heads = head_count(width, heads)
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    tokens = sd["pos_embed"].shape[1] - 1
+    pos = sd["pos_embed"]
+    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != width:
+        raise ExportError(f"the {layout} weights' pos_embed has shape {tuple(pos.shape)}, not [1, 1+patches, {width}]: "
+                          "not a ViT position table")
+    tokens = pos.shape[1] - 1
     grid = int(round(tokens ** 0.5))
     if grid * grid != tokens:
         raise ExportError(f"pos_embed has {tokens} patch positions (+cls): not a square grid")
@@ -192,16 +211,19 @@ def input_norm_of(arch: ViTArch) -> str:
 def import_teacher(path: str | Path, heads: int | None = None) -> tuple[nn.Module, dict]:
     """Build a ViT from a weights file; report what was mapped, converted and ignored, and the
     input normalisation the teacher was trained with."""
-    return encoder_from_state(read_weights(path), str(path), heads or file_heads(Path(path)))
+    return encoder_from_state(read_weights(path), str(path), heads if heads is not None else file_heads(Path(path)))
 
 
-def encoder_from_state(sd: dict, source: str, heads: int | None = None,
-                       input_norm: str | None = None) -> tuple[nn.Module, dict]:
+def encoder_from_state(sd: dict, source: str, heads: int | None = None, input_norm: str | None = None,
+                       arch_from_model: dict | None = None) -> tuple[nn.Module, dict]:
     """Our encoder from a state dict in any of the layouts above, loaded strictly; the report
     says what was mapped, converted and ignored and the input normalisation (input_norm, else
-    the architecture's: CLIP's for a CLIP tower)."""
+    the architecture's: CLIP's for a CLIP tower). arch_from_model: ViTArch fields the weights
+    do not show (activation, LayerNorm epsilon) as a live model has them."""
     state, layout, renamed, ignored = to_timm(unwrap(sd))
     arch = infer_arch(state, layout, heads)
+    if arch_from_model:
+        arch = dataclasses.replace(arch, **arch_from_model)
     encoder = build_encoder(arch)
     own = set(encoder.state_dict())
     missing = sorted(own - set(state))
