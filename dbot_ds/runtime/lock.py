@@ -68,11 +68,12 @@ def stale_reason(holder: dict, mine: dict) -> str | None:
     if not holder:
         return None
     job = holder.get("slurm_job")
-    if job and job == mine["slurm_job"] and holder.get("slurm_restart", 0) < mine["slurm_restart"]:
+    same_job = bool(job) and job == mine["slurm_job"]  # running, then: this process is in it
+    if same_job and holder.get("slurm_restart", 0) < mine["slurm_restart"]:
         return f"it is this Slurm job ({job}) before its requeue"
     if holder.get("host") == mine["host"] and isinstance(holder.get("pid"), int) and not pid_alive(holder["pid"]):
         return f"process {holder['pid']} on {holder['host']} is gone"
-    if job and slurm_job_running(job) is False:
+    if job and not same_job and slurm_job_running(job) is False:
         return f"Slurm job {job} is no longer running"
     return None
 
