@@ -29,8 +29,10 @@ cfg = tiny_config("stages.epochs=[3]", "checkpoint.every_steps=2", "divergence.p
 with pretraining(cfg, RunDir(sys.argv[1])) as job:
     task, engine = job.start(1)
     trainer = job.trainer(PoisonedOnRank1(task, job.session.world.rank, at=10), engine, 1)
+    resumed, resume = [], trainer.resume
+    trainer.resume = lambda ckpt: (resumed.append(ckpt.name), resume(ckpt))[1]  # where each rank goes back to
     outcome = trainer.fit()
     engine.destroy()
 print(f"rank {job.session.world.rank}: finished={outcome.finished} step={outcome.step} "
-      f"rollbacks={trainer.rollbacks} data_skip={trainer.data_skip} back_to={trainer.last_good.name}")
+      f"rollbacks={trainer.rollbacks} data_skip={trainer.data_skip} back_to={','.join(resumed)}")
 shutdown_distributed()

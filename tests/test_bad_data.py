@@ -271,6 +271,22 @@ def test_a_shard_cut_at_a_member_boundary_is_caught_by_index_and_verify(tmp_path
     assert len(problems) == 1 and "no end-of-archive blocks" in problems[0]
 
 
+@pytest.mark.parametrize("flags,name", [("cf", "gnu.tar"), ("czf", "gnu.tar.gz")])
+def test_shards_written_by_gnu_tar_plain_or_gzipped_index_and_read_whole(tmp_path, flags, name):
+    from helpers import jpeg
+
+    members = tmp_path / "members"
+    members.mkdir()
+    for i in range(3):
+        (members / f"s{i}.jpg").write_bytes(jpeg(i))
+        (members / f"s{i}.cls").write_text(str(i % 2))
+    subprocess.run(["tar", flags, str(tmp_path / name), "-C", str(members),
+                    *sorted(p.name for p in members.iterdir())], check=True)
+    manifest = index([str(tmp_path / name)], tmp_path / "manifest.json")
+    assert [s.samples for s in manifest.shards] == [3]
+    assert [s["__key__"] for s in iter_shard_samples(str(tmp_path / name))] == ["s0", "s1", "s2"]
+
+
 def test_compressed_class_tars_are_named_and_an_odd_class_count_warns(tmp_path, capsys):
     root = tmp_path / "tree"
     mini_imagenet(root)

@@ -203,12 +203,16 @@ def test_a_resume_with_other_loader_workers_records_the_earlier_layout_of_the_ep
 
 
 def test_a_fresh_run_in_a_used_directory_sets_the_earlier_run_aside_and_never_resumes_it(process_group, tmp_path):
-    pretrain(tiny_config("stages.epochs=[2]"), tmp_path)
-    earlier = [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")]
-    pretrain(tiny_config("stages.epochs=[2]", "stop_at_step=2", "checkpoint.every_steps=1"), tmp_path, resume="none")
-    # keep=2 prunes among the new run's checkpoints only, and the newest is the new run's
+    pretrain(tiny_config("stages.epochs=[1]"), tmp_path)
+    first_export = json.loads((tmp_path / "stage1" / "meta.json").read_text())["sha256"]
+    again = tiny_config("stages.epochs=[1]", "optim.base_lr=3e-4", "checkpoint.every_steps=1")
+    pretrain(again, tmp_path, resume="none")
+    # its own checkpoints only (keep=2 prunes among them), its own export where the old one was
     assert [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints")] == \
-        ["stage1-step00000001", "stage1-step00000002"]
-    assert checkpoint.latest(tmp_path / "checkpoints").name == "stage1-step00000002"
-    assert [c.name for c in checkpoint.complete_checkpoints(tmp_path / "checkpoints.1")] == earlier
-    assert (tmp_path / "metrics.1.jsonl").is_file() and (tmp_path / "tb.1").is_dir()
+        ["stage1-step00000003", "stage1-step00000004"]
+    assert checkpoint.read_state(checkpoint.latest(tmp_path / "checkpoints"))["config"]["optim"]["base_lr"] == 3e-4
+    assert json.loads((tmp_path / "stage1" / "meta.json").read_text())["sha256"] != first_export
+    earlier = tmp_path / "earlier" / "1"  # everything of the first run, under its own names
+    assert json.loads((earlier / "stage1" / "meta.json").read_text())["sha256"] == first_export
+    assert [c.name for c in checkpoint.complete_checkpoints(earlier / "checkpoints")] == ["stage1-step00000004"]
+    assert {"config.json", "ds_config.json", "metrics.jsonl", "tb"} <= {p.name for p in earlier.iterdir()}

@@ -137,9 +137,12 @@ class ShardStream(IterableDataset):
     def earlier(self) -> tuple[Layout, ...]:
         return tuple(Layout(*self._earlier[3 * i: 3 * i + 3]) for i in range(self._n_earlier.value))
 
+    def layout_batches(self) -> int:
+        """Micro-batches per rank this layout reads of the epoch: what the earlier ones left."""
+        return (self.steps_per_epoch - sum(layout.steps for layout in self.earlier())) * self.accum
+
     def __len__(self) -> int:
-        done = sum(layout.steps for layout in self.earlier())
-        return ((self.steps_per_epoch - done) * self.accum - self._start.value) * self.micro
+        return (self.layout_batches() - self._start.value) * self.micro
 
     def epoch_shards(self, epoch: int) -> list[tuple[str, int]]:
         order = torch.randperm(len(self.manifest.shards),
@@ -197,8 +200,7 @@ class ShardStream(IterableDataset):
         if self.exact:  # this rank's positions under this layout, after the earlier ones
             share, batches = self.plan.share(epoch, self.earlier(), self.world, self.rank)
         else:
-            done = sum(layout.steps for layout in self.earlier())  # as in _start and __len__
-            share, batches = range(0), (self.steps_per_epoch - done) * self.accum
+            share, batches = range(0), self.layout_batches()
         slot = (worker + start) % workers  # keeps the loader's round-robin order across a resume
         first = len(range(slot, start, workers))  # this slot's batches already consumed
         remaining = slot_batches(slot, workers, batches, start)

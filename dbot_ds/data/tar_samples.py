@@ -12,6 +12,9 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from dbot_ds.data.shards import ShardError
 
 END_OF_ARCHIVE = bytes(1024)  # a tar ends with two 512-byte zero blocks
+# what a compressed tar (read by tarfile's "r|*", as webdataset does) starts with: its tail is
+# the compressor's, and a cut one fails in the decompressor instead
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
 
 class Checksum:
@@ -30,12 +33,12 @@ class Checksum:
 
 class HashingReader:
     """A file object over a shard's stream that feeds every byte it reads to a hash (if given)
-    and keeps the last 1024, so a tar cut at a member boundary (which parses without error) is
-    told from a whole one."""
+    and keeps the first bytes and the last 1024, so a tar cut at a member boundary (which parses
+    without error) is told from a whole one."""
 
     def __init__(self, stream, digest=None, name: str = "shard"):
         self.stream, self.digest, self.name = stream, digest, name
-        self.tail = b""
+        self.head, self.tail = b"", b""
 
     def __repr__(self) -> str:  # tar errors name their file object
         return self.name
@@ -44,6 +47,8 @@ class HashingReader:
         data = self.stream.read(n)
         if self.digest is not None:
             self.digest.update(data)
+        if len(self.head) < 8:
+            self.head = (self.head + data)[:8]
         self.tail = data[-1024:] if len(data) >= 1024 else (self.tail + data)[-1024:]
         return data
 
@@ -52,8 +57,9 @@ class HashingReader:
             pass
 
     def ended_whole(self) -> bool:
-        """Whether what was read ends with the end-of-archive blocks (call after drain)."""
-        return self.tail == END_OF_ARCHIVE
+        """Whether what was read ends with the end-of-archive blocks (call after drain); a
+        compressed tar's decompressor has checked its own end."""
+        return self.head.startswith(COMPRESSED) or self.tail == END_OF_ARCHIVE
 
     def close(self) -> None:
         self.stream.close()
@@ -70,12 +76,10 @@ def iter_shard_samples(url: str, digest=None) -> Iterator[dict]:
         files = tar_file_iterator(reader)
         yield from group_by_keys(({**f, "__url__": str(url)} for f in files))
         reader.drain()  # tar padding and end-of-archive blocks
-    except GeneratorExit:  # the consumer stopped: a pipe killed mid-stream may exit non-zero, no news
-        with contextlib.suppress(Exception):
-            reader.close()
-        raise
     except BaseException:
-        with contextlib.suppress(Exception):  # the read error is the news, not the close's
+        # the read error is the news, not the close's; and a consumer that stopped (GeneratorExit)
+        # may leave a pipe killed mid-stream that exits non-zero: no news either
+        with contextlib.suppress(Exception):
             reader.close()
         raise
     reader.close()

@@ -111,8 +111,10 @@ def acquire(path: Path) -> str | None:
                     os.link(aside, path)  # unlike a rename, never over a lock taken in between
                 except FileExistsError:
                     pass
+                except OSError:  # a filesystem without hard links
+                    os.replace(aside, path)
                 finally:
-                    aside.unlink()
+                    aside.unlink(missing_ok=True)
                 continue
             aside.unlink()
             took_over = reason

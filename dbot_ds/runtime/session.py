@@ -61,23 +61,21 @@ def take_lock(run: RunDir, world: World) -> None:
     agree(refused, lock.RunLocked)
 
 
-def set_aside_earlier_run(run: RunDir) -> None:
-    """A run started afresh in a used directory keeps nothing of the run before it where it
-    could be taken for its own (its newest checkpoint resumed, its W&B run continued): the
-    earlier run's metrics, checkpoints, TensorBoard log and W&B id move to <name>.<n>, the first
-    n free for all of them. Stage exports are replaced as the new run writes its own."""
-    earlier = [p for p in (run.metrics, run.checkpoints, run.tensorboard, run.wandb_id)
-               if p.is_file() or (p.is_dir() and any(p.iterdir()))]
+def set_aside_earlier_run(run: RunDir) -> Path | None:
+    """A run started afresh in a used directory takes nothing of the run before it for its own
+    (its newest checkpoint resumed, its W&B run continued, its exports in the way of the new
+    ones): everything the earlier run wrote moves, under its own names, to <run>/earlier/<n>/."""
+    outputs = run.outputs()
+    if not outputs:
+        return None
     n = 1
-    while any(numbered(p, n).exists() for p in earlier):
+    while (run.earlier / str(n)).exists():
         n += 1
-    for p in earlier:
-        p.rename(numbered(p, n))
-
-
-def numbered(path: Path, n: int) -> Path:
-    """metrics.jsonl -> metrics.<n>.jsonl, checkpoints -> checkpoints.<n>"""
-    return path.with_name(f"{path.stem}.{n}{path.suffix}")
+    aside = run.earlier / str(n)
+    aside.mkdir(parents=True)
+    for p in outputs:
+        p.rename(aside / p.name)
+    return aside
 
 
 @contextlib.contextmanager
@@ -90,15 +88,18 @@ def start_session(cfg: TrainingConfig, run: RunDir, fresh: bool) -> Iterator[Ses
     device = init_distributed(world)
     take_lock(run, world)
     try:
-        if world.is_main:
-            if fresh:
-                set_aside_earlier_run(run)
-            run.write_configs(cfg.to_dict(), ds_config)
-        log, failed = None, None
-        try:
+        failed = None
+        try:  # rank 0 alone writes here: what fails must stop the other ranks too, not hang them
+            if world.is_main:
+                aside = set_aside_earlier_run(run) if fresh else None
+                if aside:
+                    print(f"started afresh: the earlier run's files are in {aside}", flush=True)
+                run.write_configs(cfg.to_dict(), ds_config)
             log = MetricsLog(run, world.is_main, cfg.log.wandb, cfg.to_dict())
-        except ConfigError as e:  # W&B could not start (rank 0)
+        except ConfigError as e:  # W&B could not start
             failed = str(e)
+        except OSError as e:
+            failed = f"cannot write the run directory {run.root}: {e.strerror or e} ({e.filename or ''})"
         agree(failed)
         session = Session(world, device, ds_config, StopSignal(device), log)
         ended = False

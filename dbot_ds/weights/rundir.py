@@ -11,6 +11,7 @@
     <run>/profile/                      torch.profiler traces (profile.steps)
     <run>/.lock                         who is writing the run now (runtime/lock.py)
     <run>/wandb_id  wandb/              the W&B run this directory logs to (log.wandb), its offline files
+    <run>/earlier/<n>/                  what an earlier run here wrote, set aside when a run started afresh
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ class RunDir:
     def summary(self) -> Path:
         """A fine-tuning run's best and last evaluation, written when it ends."""
         return self.root / "metrics.json"
+
+    @property
+    def earlier(self) -> Path:
+        return self.root / "earlier"
+
+    def outputs(self) -> list[Path]:
+        """What a run writes here, and a run started afresh must not take for its own: all but
+        the generated shards (reusable), the Slurm logs (the job's own, being written), the lock
+        and W&B's offline files (each W&B run has its own folder)."""
+        stages = sorted(p for p in self.root.glob("stage*") if p.is_dir() and p.name[len("stage"):].isdigit())
+        named = [self.config, self.ds_config, self.metrics, self.tensorboard, self.checkpoints, self.wandb_id,
+                 self.profile, self.model, self.summary]
+        return [p for p in named if p.exists()] + stages
 
     def export(self, stage: int) -> Path:
         """Pre-training: stage `stage`'s export, the next stage's teacher."""
