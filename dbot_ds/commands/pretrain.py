@@ -120,10 +120,11 @@ class Pretraining:
 
 @contextlib.contextmanager
 def pretraining(cfg: RunConfig, run: RunDir, teachers: dict[int, TeacherWeights] | None = None,
-                fresh: bool = True) -> Iterator[Pretraining]:
+                fresh: bool = False) -> Iterator[Pretraining]:
     """The session, loader, stage plan and teacher policy of a run; `teachers` holds stage
     teachers read and checked already (each is used once); `fresh`: the run starts at stage 1
-    with no checkpoint."""
+    with no checkpoint, and what an earlier run left in `run` is set aside first (off unless
+    asked: it moves exports)."""
     teachers = {} if teachers is None else teachers
     with start_session(cfg, run, fresh) as s:
         loader = pretrain_loader(cfg, rank=s.world.rank, world=s.world.size, accum=s.accum, device=s.device,
