@@ -245,14 +245,15 @@ def test_fine_tuning_counts_a_missing_or_garbled_label_as_a_bad_sample():
 def test_a_truncated_ilsvrc_tar_is_one_source_error_at_every_cut(tmp_path):
     root = tmp_path / "tree"
     mini_imagenet(root)
-    whole = ilsvrc_tar_of_tars(root, tmp_path / "train.tar").read_bytes()
+    whole = ilsvrc_tar_of_tars(root, tmp_path / "train.tar")
+    with tarfile.open(whole) as t:
+        data_end = max(m.offset_data + m.size for m in t.getmembers())
+    whole = whole.read_bytes()
     cut = tmp_path / "cut.tar"
-    for end in range(256, len(whole) - 1024, 700):
+    for end in range(256, data_end, 700):  # every cut before the last class tar's last byte
         cut.write_bytes(whole[:end])
-        try:
+        with pytest.raises(sources.SourceError, match="truncated"):  # not tarfile's traceback, nor a silent class less
             sources.ilsvrc_train_tar(cut)
-        except sources.SourceError:
-            pass  # anything else (tarfile.ReadError, EOFError) would be a traceback
 
 
 # ---------------------------------------------------------------- 7. silent partial data
@@ -311,7 +312,7 @@ def test_a_truncated_class_tar_is_called_truncated(tmp_path):
         last = outer.getmembers()[-1]
     cut = tmp_path / "cut.tar"
     cut.write_bytes(whole.read_bytes()[: last.offset_data + last.size // 2])
-    with pytest.raises(sources.SourceError, match=f"{last.name} is truncated|{cut} is truncated"):
+    with pytest.raises(sources.SourceError, match=f"{last.name} is truncated"):
         sources.ilsvrc_train_tar(cut)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 import webdataset as wds
@@ -14,7 +16,23 @@ from dbot_ds.data.shards import ShardError
 END_OF_ARCHIVE = bytes(1024)  # a tar ends with two 512-byte zero blocks
 # what a compressed tar (read by tarfile's "r|*", as webdataset does) starts with: its tail is
 # the compressor's, and a cut one fails in the decompressor instead
-COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def compression_of(head: bytes) -> str | None:
+    """gzip, bzip2 or xz when a file starting with `head` is compressed; None for a plain tar."""
+    return next((kind for magic, kind in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+
+
+def ends_whole(path: str | Path) -> bool:
+    """Whether a local, uncompressed tar ends with its end-of-archive blocks: one cut at a
+    member boundary (or inside a header) otherwise reads as a shorter, whole archive."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < len(END_OF_ARCHIVE):
+            return False
+        f.seek(-len(END_OF_ARCHIVE), os.SEEK_END)
+        return f.read() == END_OF_ARCHIVE
 
 
 class Checksum:
@@ -59,7 +77,7 @@ class HashingReader:
     def ended_whole(self) -> bool:
         """Whether what was read ends with the end-of-archive blocks (call after drain); a
         compressed tar's decompressor has checked its own end."""
-        return self.head.startswith(COMPRESSED) or self.tail == END_OF_ARCHIVE
+        return compression_of(self.head) is not None or self.tail == END_OF_ARCHIVE
 
     def close(self) -> None:
         self.stream.close()

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from dbot_ds.data.tar_samples import compression_of, ends_whole
 from dbot_ds.errors import UserError
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -115,7 +116,6 @@ def val_folder(images: str | Path, labels: str | Path,
 
 ILSVRC_CLASSES = 1000
 COMPRESSED_TAR = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz"}
 
 
 def ilsvrc_train_tar(path: str | Path) -> tuple[list[Item], list[str]]:
@@ -132,6 +132,8 @@ def ilsvrc_train_tar(path: str | Path) -> tuple[list[Item], list[str]]:
         except (tarfile.TarError, EOFError) as e:  # the outer tar's own headers or data break off
             raise SourceError(f"{path} is truncated or unreadable ({type(e).__name__}: {e}): "
                               "fetch ILSVRC2012_img_train.tar again") from e
+    if not ends_whole(path):  # cut inside a header, or at a member boundary: tarfile just stops there
+        raise SourceError(f"{path} is truncated (no end-of-archive blocks): fetch ILSVRC2012_img_train.tar again")
     if not items_by_class:
         raise SourceError(f"{path} holds no per-class .tar members: not an ILSVRC2012 train tar")
     if len(items_by_class) != ILSVRC_CLASSES:  # converts, but is likely a partial copy
@@ -182,7 +184,7 @@ def why_unreadable(path: Path, outer: tarfile.TarFile, member: tarfile.TarInfo) 
     if member.offset_data + member.size > path.stat().st_size:
         return "is truncated (the file ends inside it)"
     head = outer.extractfile(member).read(6)
-    compression = next((kind for magic, kind in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    compression = compression_of(head)
     if compression:
         return f"is not an uncompressed tar (it is {compression}-compressed)"
     return "is unreadable (not a tar, or damaged)"
