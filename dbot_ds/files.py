@@ -34,8 +34,8 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def stays_inside(folder: str | Path, name: str) -> bool:
-    """A relative name that stays inside `folder`: no absolute path, no way out through '..'.
+def stays_inside(name: str) -> bool:
+    """A relative name that stays inside the folder it is relative to: no absolute path, no way out through '..'.
     Lexical, so symlinks are followed wherever they lead: a folder of symlinked shards (common
     on clusters) or weights linked from a cache (Hugging Face, git-annex) are inside."""
     normal = os.path.normpath(name)

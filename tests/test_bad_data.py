@@ -178,8 +178,8 @@ def test_inside_is_lexical_and_refuses_absolute_names_dot_dot_and_file_urls(tmp_
     (tmp_path / "cache" / "blob").write_bytes(b"w")
     (tmp_path / "export").mkdir()
     os.symlink(tmp_path / "cache" / "blob", tmp_path / "export" / "model.safetensors")  # HF cache, git-annex
-    assert stays_inside(tmp_path / "export", "model.safetensors") and stays_inside(tmp_path, "a/../b")
-    assert not any(stays_inside(tmp_path / "export", n) for n in ("../cache/blob", "a/../../b", "/abs", "..", ""))
+    assert stays_inside("model.safetensors") and stays_inside("a/../b")
+    assert not any(stays_inside(n) for n in ("../cache/blob", "a/../../b", "/abs", "..", ""))
     manifest = write_shards(tmp_path / "set", [4])
     data = json.loads(manifest.read_text())
     for name, template in [("file:///etc/passwd", None), ("../x.tar", "pipe:cat /data/{name}")]:

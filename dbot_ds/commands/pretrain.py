@@ -30,7 +30,7 @@ from dbot_ds.runtime.accel import apply_fast_paths
 from dbot_ds.runtime.distributed import barrier, world_from_env
 from dbot_ds.runtime.session import Session, start_session
 from dbot_ds.runtime.trainer import Trainer, find_resume
-from dbot_ds.weights.export import read_export, stage_meta, write_export
+from dbot_ds.weights.export import META, read_export, stage_meta, write_export
 from dbot_ds.weights.rundir import RunDir
 from dbot_ds.weights.sources import stage_teacher
 
@@ -40,7 +40,7 @@ def finished_stage(cfg: RunConfig, run: RunDir, stage: int) -> Path | None:
     if not 1 <= stage <= len(cfg.stages.epochs):
         raise ConfigError(f"--stage {stage}: the run has stages 1..{len(cfg.stages.epochs)}")
     done = run.export(stage)
-    if (done / "meta.json").is_file():
+    if (done / META).is_file():
         read_export(done)  # verifies the sha256
         return done
     return None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dbot_ds.config import load_config, load_finetune
 from dbot_ds.files import shipped
+from dbot_ds.weights.export import META
 from dbot_ds.weights.rundir import RunDir
 
 TEMPLATE = shipped("slurm/train.sbatch")
@@ -41,7 +42,7 @@ def config_args(args) -> list[str]:
 
 def write_submitted(args, config: dict) -> None:
     if not args.dry_run:
-        (Path(args.out) / "logs").mkdir(parents=True, exist_ok=True)
+        RunDir(args.out).logs.mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "submitted_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -50,7 +51,7 @@ def submit(args) -> int:
     write_submitted(args, cfg.to_dict())
     run, after = RunDir(Path(args.out).resolve()), args.after
     for stage in range(args.first_stage, len(cfg.stages.epochs) + 1):
-        done = str(run.export(stage).relative_to(run.root) / "meta.json")
+        done = str(run.export(stage).relative_to(run.root) / META)
         cmd = sbatch_command(args, f"s{stage}", f"stage{stage}.log", after, done,
                              ["pretrain", "--stage", str(stage), "--out", str(run.root), *config_args(args)])
         after = run_or_print(cmd, args.dry_run, f"<stage{stage}>")

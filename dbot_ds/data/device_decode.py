@@ -62,7 +62,7 @@ def collate_jpegs(samples) -> JpegBatch:
     """Worker side: a batch as one flat byte tensor plus offsets."""
     data, boxes, flips = zip(*samples)
     sizes = torch.tensor([0, *map(len, data)], dtype=torch.int64)
-    return JpegBatch(torch.frombuffer(bytearray(b"".join(data)), dtype=torch.uint8), sizes.cumsum(0),
+    return JpegBatch(torch.frombuffer(bytearray().join(data), dtype=torch.uint8), sizes.cumsum(0),
                      torch.tensor(boxes, dtype=torch.int64), torch.tensor(flips, dtype=torch.bool))
 
 
@@ -145,16 +145,19 @@ def resize_crops(images: list[torch.Tensor], boxes: torch.Tensor, flips: torch.T
     groups of similar crop area, each group padded to its largest region and resized with two
     batched products (rows, then columns)."""
     device = images[0].device
-    boxes, flips = boxes.to(device), flips.to(device)
-    hw = torch.tensor([img.shape[-2:] for img in images], device=device)   # [B, 2]
+    # the regions' bounds on the host, where boxes and image sizes already are: no device sync
+    boxes = boxes.cpu()
+    hw = torch.tensor([img.shape[-2:] for img in images])                  # [B, 2]
     top, left, h, w = boxes.unbind(1)
     margin_y = (2 * (h / size).clamp(min=1)).ceil().long() + 1              # the filter's reach
     margin_x = (2 * (w / size).clamp(min=1)).ceil().long() + 1
     y0, x0 = (top - margin_y).clamp(min=0), (left - margin_x).clamp(min=0)
     y1, x1 = torch.minimum(top + h + margin_y, hw[:, 0]), torch.minimum(left + w + margin_x, hw[:, 1])
-    out = torch.empty(len(images), 3, size, size, device=device)
     order = ((y1 - y0) * (x1 - x0)).argsort().tolist()  # similar crops together: little padding
     bounds = torch.stack([y0, y1, x0, x1], 1).tolist()
+    top, left, h, w, hw, y0, x0 = (t.to(device) for t in (top, left, h, w, hw, y0, x0))
+    flips = flips.to(device)
+    out = torch.empty(len(images), 3, size, size, device=device)
     for g in range(0, len(order), GROUP):
         idx = order[g:g + GROUP]
         rows = max(bounds[i][1] - bounds[i][0] for i in idx)

@@ -34,6 +34,17 @@ def is_url(name: str) -> bool:
     return name.startswith("pipe:") or "://" in name
 
 
+def sample_label(sample: dict) -> int:
+    """The integer in a sample's .cls member; a ValueError saying what is wrong when it is
+    missing or garbled (bad data to the loader, a bad shard to the shard tools)."""
+    text = sample.get(LABEL_KEY)
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"no label (.{LABEL_KEY})" if text is None else
+                         f"label {text[:20]!r} is not an integer") from None
+
+
 def fill_template(template: str, name: str) -> str:
     """A url_template filled with a shard's name ({name}: its only field)."""
     try:
@@ -47,7 +58,7 @@ def names_outside(folder: Path, names: list[str]) -> list[str]:
     """Shard names that would read outside `folder`: a path that is absolute or leaves it
     through '..' (lexically: a symlinked shard is fine), or a file:// URL (a local path by
     another name). Names a url_template fills are checked the same way."""
-    return [n for n in names if n.startswith("file:") or (not is_url(n) and not stays_inside(folder, n))]
+    return [n for n in names if n.startswith("file:") or (not is_url(n) and not stays_inside(n))]
 
 
 @dataclasses.dataclass(frozen=True)

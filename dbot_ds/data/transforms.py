@@ -17,6 +17,7 @@ import torchvision.transforms.functional as TF1  # PIL images and tensors alike
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from dbot_ds.data.shards import IMAGE_KEY, sample_label
 from dbot_ds.input_norms import INPUT_NORMS, STUDENT_NORM
 from dbot_ds.seeding import seed_everything
 
@@ -173,17 +174,11 @@ class ClassifySample:
             size, is_training=True, auto_augment=randaug, re_prob=reprob, re_mode=remode, interpolation="bicubic"))
 
     def __call__(self, sample: dict, rng: random.Random):
-        label = sample_label(sample)  # this and the decode are the bad data that may fail
-        img = open_rgb(sample["jpg"])
+        try:  # the label and the decode are the bad data that may fail here
+            label = sample_label(sample)
+        except ValueError as e:
+            raise UnreadableImage(str(e)) from None
+        img = open_rgb(sample[IMAGE_KEY])
         seed_everything(rng.getrandbits(62))  # timm's transforms draw from the global generators
         return self.transform(img), label
 
-
-def sample_label(sample: dict) -> int:
-    """The integer in a sample's .cls member; a missing or garbled one is bad data."""
-    try:
-        return int(sample["cls"])
-    except KeyError:
-        raise UnreadableImage("no label (.cls)") from None
-    except (TypeError, ValueError):
-        raise UnreadableImage(f"label {sample['cls'][:20]!r} is not an integer") from None

@@ -26,9 +26,7 @@ def random_masking(batch: int, num_patches: int, ratio: float, *,
     noise = torch.rand(batch, num_patches, generator=generator, device=device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, num_patches, device=noise.device)
-    mask[:, :keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
+    mask = (ids_restore >= keep).float()  # a patch is masked when its place in the shuffle is past the kept
     return Masks(ids_shuffle[:, :keep], ids_restore, mask)
 
 

@@ -62,8 +62,6 @@ class BeitViT(nn.Module):
         grid = (arch.grid, arch.grid)
         self.patch_embed = PatchEmbed(arch.img_size, arch.patch_size, 3, arch.width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.width))
-        if not arch.layer_scale:
-            raise ValueError("a beit-family encoder has layer scale: set its initial value (model.layer_scale)")
         self.rel_pos_bias = RelativePositionBias(window_size=grid, num_heads=arch.heads)
         self.blocks = nn.ModuleList([
             Block(arch.width, arch.heads, qkv_bias=True, mlp_ratio=arch.mlp_ratio, drop_path=rate,

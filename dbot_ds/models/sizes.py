@@ -40,8 +40,9 @@ class ViTArch:
         if self.family not in FAMILIES:
             raise ValueError(f"model family must be one of {FAMILIES}, got {self.family!r}")
         if self.family == "beit" and (self.pre_norm or not self.patch_bias or self.act != "gelu"
-                                      or self.proj_dim):
-            raise ValueError("a beit-family encoder has no pre-norm, no projection, a patch bias and GELU")
+                                      or self.proj_dim or not self.layer_scale):
+            raise ValueError("a beit-family encoder has no pre-norm, no projection, a patch bias, GELU and "
+                             "layer scale (model.layer_scale: its initial value)")
 
     @property
     def grid(self) -> int:

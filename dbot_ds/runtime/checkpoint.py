@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,9 @@ STATE = "dbot_state.json"
 POINTER = "latest_complete"
 UNIVERSAL = "universal"  # checkpoints converted for another number of ranks
 TENSORS = "teacher.safetensors"  # the task's tensors: an EMA teacher (the name checkpoints have had)
+
+
+TAG = re.compile(r"stage(\d+)-step(\d+)")  # what checkpoint_tag writes
 
 
 def checkpoint_tag(stage: int, step: int) -> str:
@@ -69,12 +73,12 @@ def save(engine, root: Path, state: dict, *, is_main: bool, keep: int,
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first (ordered by their tags: no state file is read)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and (p / STATE).is_file() and not p.name.endswith(".partial")]
-    states = {p: read_state(p) for p in done}
-    return sorted(done, key=lambda p: (states[p]["stage"], states[p]["step"]))
+    tagged = {p: TAG.fullmatch(p.name) for p in root.iterdir()}
+    done = [p for p, m in tagged.items() if m and p.is_dir() and (p / STATE).is_file()]
+    return sorted(done, key=lambda p: tuple(map(int, tagged[p].groups())))
 
 
 def prune(root: Path, keep: int) -> None:

@@ -117,9 +117,9 @@ def module_digest(module: nn.Module) -> str:
 
 def replicas_identical(module: nn.Module) -> bool:
     """True when every rank holds bit-identical weights (call before ZeRO partitions them)."""
-    digest = module_digest(module)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return True
+    digest = module_digest(module)
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest)
     return len(set(digests)) == 1

@@ -7,9 +7,9 @@ import secrets
 import time
 
 import torch
-import torch.distributed as dist
 
 from dbot_ds.config import ConfigError
+from dbot_ds.runtime.distributed import all_reduce_sum
 from dbot_ds.weights.rundir import RunDir
 
 
@@ -37,8 +37,7 @@ class LossWindow:
         """The mean loss over every rank's micro-batches since the window opened (one all-reduce
         and one host read; non-finite on every rank if it is on one)."""
         total = self.loss_sum.clone()
-        if dist.is_initialized():
-            dist.all_reduce(total)
+        all_reduce_sum(total)
         return total.item() / (max(self.count, 1) * world_size)
 
     def steps_per_s(self, step: int) -> float:

@@ -153,10 +153,10 @@ class Trainer:
                 waited = time.perf_counter()
                 for at, micro, batch in self.loader.batches(step, total, offset=self.data_skip, earlier=earlier):
                     window.data_wait += time.perf_counter() - waited
-                    if micro == 0:
+                    if micro == 0:  # once per optimizer step
                         profiler.before(self.plan.global_step(self.stage, at))
-                    lr = lr_at(at, total, warmup, cfg.peak_lr(), cfg.optim.min_lr)
-                    set_lr(self.engine, lr)
+                        lr = lr_at(at, total, warmup, cfg.peak_lr(), cfg.optim.min_lr)
+                        set_lr(self.engine, lr)
                     seed_everything(derive_seed(cfg.seed, "step", self.stage, at, micro, self.world.rank))
                     window.add(micro_step(self.task, self.engine, batch, profiler.phases() or no_phases))
                     if micro == self.accum - 1:

@@ -93,7 +93,7 @@ def read_export(export_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load and verify (sha256 against meta.json) an export; returns (state_dict, meta)."""
     meta = read_meta(export_dir)
     name = meta.get("weights", WEIGHTS)
-    if not isinstance(name, str) or not stays_inside(export_dir, name):
+    if not isinstance(name, str) or not stays_inside(name):
         raise ExportError(f"{Path(export_dir) / META} names weights {name!r} outside the export's folder: "
                           "an export keeps its weights beside its meta.json")
     weights = Path(export_dir) / name

@@ -14,7 +14,7 @@ PAPER = "https://arxiv.org/abs/2209.10724"
 NOT_METRICS = {"seconds"}  # numbers of a probe row that describe the run, not the model
 
 
-def card_data(meta: dict, metrics: dict | None):
+def card_data(metrics: dict | None):
     from huggingface_hub import ModelCardData
 
     # no `datasets:` entry: neither the config nor a shard manifest names the data set its
@@ -47,7 +47,7 @@ def model_card(meta: dict, architecture: str, kwargs: dict, metrics: dict | None
             "features = model.forward_features(images)  # normalised as pretrained_cfg's mean / std", "```"]
     if metrics:
         body += ["", "## Metrics", "", *[f"- {k}: {v}" for k, v in metrics.items()]]
-    return str(ModelCard(f"---\n{card_data(meta, metrics).to_yaml()}\n---\n" + "\n".join(body) + "\n"))
+    return str(ModelCard(f"---\n{card_data(metrics).to_yaml()}\n---\n" + "\n".join(body) + "\n"))
 
 
 def probe_metrics(rows: list, source: Path, path: str) -> dict:

@@ -13,26 +13,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from dbot_ds.data.shards import (IMAGE_KEY, LABEL_KEY, META_KEY, Manifest, ShardError, ShardInfo, is_url,
-                                  names_outside, read_manifest, write_manifest)
+                                  names_outside, read_manifest, sample_label, write_manifest)
 from dbot_ds.data.tar_samples import Checksum, iter_shard_samples
 from dbot_ds.errors import UserError
 
 
-def int_label(text: bytes | None) -> int | None:
-    """A .cls member's integer, or None when it is missing or garbled."""
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
-
-
 def label_of(sample: dict) -> int:
     """A sample's integer label; a ShardError naming the sample when it has none or a garbled one."""
-    label, text = int_label(sample.get(LABEL_KEY)), sample.get(LABEL_KEY)
-    if label is None:
-        what = f"no label (.{LABEL_KEY})" if text is None else f"label {text[:20]!r} is not an integer"
-        raise ShardError(f"{sample.get('__url__')}:{sample.get('__key__')}: {what}")
-    return label
+    try:
+        return sample_label(sample)
+    except ValueError as e:
+        raise ShardError(f"{sample.get('__url__')}:{sample.get('__key__')}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -79,11 +70,12 @@ def check_sample(sample: dict, num_classes: int) -> list[str]:
             img.convert("RGB").load()
     except Exception as e:
         out.append(f"image does not decode ({type(e).__name__}: {e})")
-    label = int_label(sample[LABEL_KEY])
-    if label is None:
-        out.append(f"label {sample[LABEL_KEY][:20]!r} is not an integer")
-    elif not 0 <= label < num_classes:
-        out.append(f"label {label} outside [0, {num_classes})")
+    try:
+        label = sample_label(sample)
+        if not 0 <= label < num_classes:
+            out.append(f"label {label} outside [0, {num_classes})")
+    except ValueError as e:
+        out.append(str(e))
     return out
 
 
