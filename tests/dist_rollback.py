@@ -4,31 +4,18 @@ finish together. Argument: the run directory."""
 
 import sys
 
-from helpers import tiny_config
+from helpers import PoisonedFrom, tiny_config
 
 from dbot_ds.commands.pretrain import pretraining
 from dbot_ds.runtime.engine import shutdown_distributed
 from dbot_ds.weights.rundir import RunDir
 
 
-class PoisonedOnRank1:
-    def __init__(self, task, rank: int, at: int):
-        self.task, self.poisoned, self.at, self.calls = task, rank == 1, at, 0
-
-    def loss(self, engine, batch, phases=None):
-        self.calls += 1
-        loss = self.task.loss(engine, batch)
-        return loss * float("nan") if self.poisoned and self.calls == self.at else loss
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-
 cfg = tiny_config("stages.epochs=[3]", "checkpoint.every_steps=2", "divergence.policy=rollback",
                   "batch.global_batch=16", "batch.micro_batch=4")  # 2 ranks: 2 micro-batches a step
 with pretraining(cfg, RunDir(sys.argv[1])) as job:
     task, engine = job.start(1)
-    trainer = job.trainer(PoisonedOnRank1(task, job.session.world.rank, at=10), engine, 1)
+    trainer = job.trainer(PoisonedFrom(task, 10, here=job.session.world.rank == 1), engine, 1)
     resumed, resume = [], trainer.resume
     trainer.resume = lambda ckpt: (resumed.append(ckpt.name), resume(ckpt))[1]  # where each rank goes back to
     outcome = trainer.fit()

@@ -160,7 +160,30 @@ def stream(manifest, rank=0, world=1, micro=4, accum=1, seed=0, **kw):
                        shuffle_buffer=8, **kw)
 
 
-def read_epoch(ds, epoch, workers=2, step=0):
-    ds.set_position(epoch, step)
+def read_epoch(ds, epoch, workers=2, step=0, earlier=()):
+    """The solid_index of every crop a rank gives from `step` on, batch by batch."""
+    ds.set_position(epoch, step, earlier)
     loader = DataLoader(ds, batch_size=ds.micro, num_workers=workers)
     return [[solid_index(img) for img in batch] for batch in loader]
+
+
+def read_flat(ds, epoch, step=0, earlier=(), workers=2) -> list[int]:
+    """read_epoch's indices in one list."""
+    return [i for batch in read_epoch(ds, epoch, workers, step, earlier) for i in batch]
+
+
+class PoisonedFrom:
+    """Fault injection around a real task: the loss of micro-batch `first` (counting from 1) and
+    of the `count` - 1 after it is multiplied by NaN, on this rank when `here`."""
+
+    def __init__(self, task, first: int, count: int = 1, here: bool = True):
+        self.task, self.first, self.count, self.here, self.calls = task, first, count, here, 0
+
+    def loss(self, engine, batch, phases=None):
+        self.calls += 1
+        loss = self.task.loss(engine, batch)
+        poisoned = self.here and self.first <= self.calls < self.first + self.count
+        return loss * float("nan") if poisoned else loss
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)

@@ -11,8 +11,7 @@ import sys
 import tarfile
 
 import pytest
-from helpers import ilsvrc_tar_of_tars, mini_imagenet, read_epoch, stream, subprocess_env, write_shards
-from torch.utils.data import DataLoader
+from helpers import ilsvrc_tar_of_tars, mini_imagenet, read_epoch, read_flat, stream, subprocess_env, write_shards
 
 from dbot_ds.data.epoch_plan import Layout
 from dbot_ds.data.shard_loader import LOST, BadCounter, Piece, ShardStream
@@ -22,14 +21,6 @@ from dbot_ds.data.tools import sources
 from dbot_ds.data.tools.verify import index, inspect, verify
 from dbot_ds.data.transforms import UnreadableImage
 from dbot_ds.files import stays_inside
-
-
-def indices(ds, epoch, step=0, earlier=(), workers=1):
-    """Every sample index a rank gives from `step` on (solid_index of its crops)."""
-    from helpers import solid_index
-
-    ds.set_position(epoch, step, earlier)
-    return [solid_index(img) for batch in DataLoader(ds, batch_size=ds.micro, num_workers=workers) for img in batch]
 
 
 def grow(shard, extra=512):
@@ -90,8 +81,8 @@ def test_a_shard_of_the_wrong_size_keeps_its_positions_so_a_resume_in_another_la
 
     def rank(r, world):
         return stream(manifest, rank=r, world=world, micro=2, accum=12 // world, max_bad_fraction=1.0)
-    first = [i for r in range(w0) for i in indices(rank(r, w0), 0, workers=k0)[: 10 * 24 // w0]]
-    rest = [i for r in range(w1) for i in indices(rank(r, w1), 0, 10, (Layout(w0, k0, 10),), workers=k1)]
+    first = [i for r in range(w0) for i in read_flat(rank(r, w0), 0, workers=k0)[: 10 * 24 // w0]]
+    rest = [i for r in range(w1) for i in read_flat(rank(r, w1), 0, 10, (Layout(w0, k0, 10),), workers=k1)]
     assert len(first) + len(rest) == 480  # a stand-in for every lost sample
     assert not set(first) & set(rest) and set(first) | set(rest) == good  # stand-ins repeat a good one of their own run
 
@@ -120,7 +111,7 @@ def test_resampled_mode_after_earlier_layouts_yields_what_len_says(tmp_path):
     manifest = write_shards(tmp_path, [40, 40])
     ds = ShardStream(manifest=read_manifest(manifest), epoch_samples=80, rank=0, world=1, micro=2, accum=2,
                      seed=0, crop=16, scale=(0.5, 1.0), hflip=False, shuffle_buffer=8)
-    got = indices(ds, 1, 12, (Layout(2, 1, 8),))  # 20 steps of 4: 8 on two ranks, 4 here, 8 to go
+    got = read_flat(ds, 1, 12, (Layout(2, 1, 8),), workers=1)  # 20 steps of 4: 8 on two ranks, 4 here, 8 to go
     assert len(got) == len(ds) == (20 - 12) * 4
 
 

@@ -171,3 +171,13 @@ def test_a_config_file_that_is_not_a_json_object_is_refused(tmp_path):
     f.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="holds a JSON list, not an object of sections"):
         load_config(None, f, [])
+
+
+def test_the_teacher_input_norm_choices_are_the_known_normalisations():
+    import typing
+
+    from dbot_ds.config.pretrain import TeacherConfig
+    from dbot_ds.input_norms import INPUT_NORMS
+
+    choices = typing.get_args(typing.get_type_hints(TeacherConfig)["input_norm"])
+    assert choices == ("auto", *INPUT_NORMS)

@@ -9,29 +9,12 @@ import sys
 
 import pytest
 import torch
-from helpers import subprocess_env, tiny_args, tiny_config
+from helpers import PoisonedFrom, subprocess_env, tiny_args, tiny_config
 
 from dbot_ds.commands.pretrain import pretraining
 from dbot_ds.runtime import checkpoint
 from dbot_ds.runtime.trainer import Diverged
 from dbot_ds.weights.rundir import RunDir
-
-
-class PoisonedFrom:
-    """Fault injection around the real task: the loss of micro-batch `first` (counting from 1)
-    and of the `count` - 1 after it is multiplied by NaN."""
-
-    def __init__(self, task, first: int, count: int = 1):
-        self.task, self.first, self.count, self.calls = task, first, count, 0
-
-    def loss(self, engine, batch, phases=None):
-        self.calls += 1
-        loss = self.task.loss(engine, batch)
-        poisoned = self.first <= self.calls < self.first + self.count
-        return loss * float("nan") if poisoned else loss
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
 
 
 def run_poisoned(tmp_path, first, count=1, *sets):

@@ -36,6 +36,8 @@ def imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            if node.module == "dbot_ds":  # from dbot_ds import runtime: the layer is the name imported
+                names.update(f"dbot_ds.{a.name}" for a in node.names)
     return names
 
 

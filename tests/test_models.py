@@ -151,14 +151,20 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(family):
     imgs = torch.randn(4, 3, 32, 32)
     masks = random_masking(4, arch.num_patches, 0.75, generator=torch.Generator().manual_seed(1)) \
         if family == "vit" else block_masking(4, arch.grid, 6, random.Random(1), min_block=2)
+    blocks = [*student.encoder.blocks, *(student.decoder.blocks if decoder else [])]
+    runs = []  # block calls per step: twice each (forward, then recomputed in backward) when on
+    for b in blocks:  # a pre-hook: the recompute stops early, before a forward hook would run
+        b.register_forward_pre_hook(lambda *_: runs.append(1))
     results = []
     for on in (False, True):
         student.set_grad_checkpointing(on)
         student.zero_grad()
+        runs.clear()
         torch.manual_seed(5)  # the same drop-path draws
         loss = student(imgs, masks).square().mean()
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+        assert len(runs) == len(blocks) * (2 if on else 1)
     (plain_loss, plain), (ckpt_loss, ckpt) = results
     assert torch.equal(plain_loss, ckpt_loss)
     assert all(torch.equal(plain[n], ckpt[n]) for n in plain)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import webdataset as wds
-from helpers import read_epoch, solid_index, solid_jpeg, stream, write_shards
+from helpers import read_epoch, read_flat, solid_index, solid_jpeg, stream, write_shards
 from torch.utils.data import DataLoader
 
 from dbot_ds.data.epoch_plan import Layout
@@ -166,11 +166,6 @@ def test_the_device_decode_path_counts_a_cmyk_jpeg_as_a_bad_sample(tmp_path, cap
     assert len(bad) == 1 and "s00005" in bad[0] and "YCCK JPEG: the device decoder reads YCbCr and gray only" in bad[0]
 
 
-def read_from(ds, epoch, step, earlier=(), workers=2):
-    ds.set_position(epoch, step, earlier)
-    return [solid_index(img) for batch in DataLoader(ds, batch_size=ds.micro, num_workers=workers) for img in batch]
-
-
 @pytest.mark.parametrize("before,after", [((2, 2), (1, 2)), ((1, 2), (2, 3)), ((2, 1), (3, 2))],
                          ids=["2ranks-to-1", "1rank-to-2-more-workers", "2ranks-to-3"])
 def test_resumed_in_another_layout_an_epoch_reads_exactly_its_unseen_samples(tmp_path, before, after):
@@ -178,9 +173,9 @@ def test_resumed_in_another_layout_an_epoch_reads_exactly_its_unseen_samples(tmp
     sample of the epoch read once (global batch 12, 6 steps an epoch of 72)."""
     manifest = write_shards(tmp_path, [13, 7, 20, 11, 21])  # 72 samples
     (w0, k0), (w1, k1) = before, after
-    seen = [i for r in range(w0) for i in read_from(stream(manifest, rank=r, world=w0, micro=2, accum=6 // w0),
+    seen = [i for r in range(w0) for i in read_flat(stream(manifest, rank=r, world=w0, micro=2, accum=6 // w0),
                                                    1, 0, workers=k0)[: 2 * 12 // w0]]
-    rest = [i for r in range(w1) for i in read_from(stream(manifest, rank=r, world=w1, micro=2, accum=6 // w1),
+    rest = [i for r in range(w1) for i in read_flat(stream(manifest, rank=r, world=w1, micro=2, accum=6 // w1),
                                                    1, 2, (Layout(w0, k0, 2),), workers=k1)]
     assert len(seen) == 24 and len(rest) == 48
     assert sorted(seen + rest) == list(range(72))

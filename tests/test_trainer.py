@@ -178,16 +178,19 @@ def test_an_ema_teachers_weights_are_kept_with_the_checkpoint_and_restored_from_
 def test_generated_data_resumed_on_another_number_of_ranks_reads_exactly_its_unseen_samples():
     from dbot_ds.data.sampler import EpochSampler
 
-    def from_step(world, accum, step):
+    def from_step(world, micro, accum, step):  # global batch 8 in every layout
         keys = []
         for rank in range(world):
-            sampler = EpochSampler(96, rank=rank, world=world, micro=4, accum=accum, seed=0)
+            sampler = EpochSampler(96, rank=rank, world=world, micro=micro, accum=accum, seed=0)
             sampler.set_position(1, step)
             keys += list(sampler)
         return sorted(keys)
 
-    assert from_step(2, 1, 3) == from_step(1, 2, 3) == from_step(4, 1, 3)[:0] + from_step(2, 1, 3)
-    assert len(from_step(2, 1, 3)) == (96 // 8 - 3) * 8
+    rest = from_step(2, 4, 1, 3)
+    assert rest == from_step(1, 4, 2, 3) == from_step(4, 2, 1, 3)
+    assert len(rest) == (96 // 8 - 3) * 8
+    seen = set(from_step(1, 4, 2, 0)) - set(rest)  # what the first 3 steps read
+    assert len(seen) == 3 * 8 and sorted(seen | set(rest)) == [(1, i) for i in range(96)]
 
 
 def test_a_resume_with_other_loader_workers_records_the_earlier_layout_of_the_epoch(process_group, tmp_path):

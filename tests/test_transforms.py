@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF1
+import PIL
 from PIL import Image
 from torchvision.transforms import ColorJitter, InterpolationMode
 
@@ -79,8 +80,9 @@ def test_without_torchcodec_the_device_decoder_falls_back_to_torchvision(texture
     import sys
 
     from dbot_ds.data import device_decode
+    pytest.importorskip("torchcodec")  # a dev dependency: the preferred decoder
     with_codec = device_crops(textured, range(3))
-    assert device_decode.jpeg_decoder().library == "torchcodec"  # a dev dependency
+    assert device_decode.jpeg_decoder().library == "torchcodec"
     device_decode.jpeg_decoder.cache_clear()
     monkeypatch.setitem(sys.modules, "torchcodec", None)  # import torchcodec -> ImportError
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
@@ -133,8 +135,9 @@ def test_randaugment_at_its_top_magnitude_posterizes_to_black_instead_of_failing
 
     img = Image.open(io.BytesIO(textured)).convert("RGB")
     op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
-    with pytest.raises(ValueError, match="bits"):
-        op(img)  # as timm builds it
+    if int(PIL.__version__.split(".")[0]) >= 13:  # what this guards against (older Pillows posterize to 0 bits)
+        with pytest.raises(ValueError, match="bits"):
+            op(img)  # as timm builds it
     with_zero_bit_posterize(Holder([op]))
     assert np.asarray(op(img)).max() == 0
     fewer = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)

@@ -136,12 +136,16 @@ def test_a_failed_upload_says_the_folder_is_written_and_how_to_upload_it(export,
     import huggingface_hub
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    connect_error = type("ConnectError", (Exception,), {"__module__": "httpx"})  # the HTTP client's own
+    from dbot_ds.runtime.distributed import free_port
 
-    def fail(self, repo_id, **kw):
-        raise OfflineModeIsEnabled("offline mode is enabled") if error == "offline" else connect_error("no route")
+    if error == "offline":
+        def fail(self, repo_id, **kw):
+            raise OfflineModeIsEnabled("offline mode is enabled")
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fail)
+        monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fail)
+    else:  # the real client against a port nothing listens on
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
     assert to_timm(export, tmp_path / "m", "--push-to-hub", "me/x") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -100,12 +100,16 @@ class TeacherConfig:
     """Re-initialise the student at each breakpoint (False: it keeps its weights)."""
 
 
+LossKind = Literal["smooth_l1", "cosine"]
+LossTokens = Literal["cls_and_masked", "masked"]
+
+
 @dataclasses.dataclass(kw_only=True)
 class LossConfig:
-    kind: Literal["smooth_l1", "cosine"] = "smooth_l1"
+    kind: LossKind = "smooth_l1"
     """smooth_l1 or cosine (1 - cosine similarity)."""
     beta: float = 2.0
-    tokens: Literal["cls_and_masked", "masked"] = "cls_and_masked"
+    tokens: LossTokens = "cls_and_masked"
     """Tokens the loss averages over: cls_and_masked (main branch) or masked (the CLIP recipe:
     masked patches only)."""
 

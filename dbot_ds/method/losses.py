@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("smooth_l1", "cosine")
-LOSS_TOKENS = ("cls_and_masked", "masked")
+from dbot_ds.config.pretrain import LossKind, LossTokens
+
+LOSSES, LOSS_TOKENS = get_args(LossKind), get_args(LossTokens)  # the config's choices
 COSINE_EPS = 1e-6  # the authors' nn.CosineSimilarity(eps=1e-6)
 
 
